@@ -1,0 +1,144 @@
+"""Model config with TransformerLens field names, YAML presets and `key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """A Llama as published for SimpleStories: pre-norm RMSNorm, RoPE, GQA, SwiGLU, tied embeddings.
+
+    Field names follow TransformerLens so that its tools (ActivationCache, ...) read them unchanged.
+    Fields with ``init=False`` are facts of the architecture or derived, not settings.
+    """
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_key_value_heads: int
+    d_mlp: int
+    d_vocab: int = 4096
+    n_ctx: int = 512
+    eps: float = 1e-6
+    rotary_base: float = 10000.0
+    initializer_range: float = 0.02
+    model_name: str = "custom"
+
+    d_head: int = field(init=False)
+    rotary_dim: int = field(init=False)
+    d_vocab_out: int = field(init=False)
+    normalization_type: str = field(init=False, default="RMS")
+    final_rms: bool = field(init=False, default=True)
+    positional_embedding_type: str = field(init=False, default="rotary")
+    act_fn: str = field(init=False, default="silu")
+    gated_mlp: bool = field(init=False, default=True)
+    attn_only: bool = field(init=False, default=False)
+    tie_word_embeddings: bool = field(init=False, default=True)
+    default_prepend_bos: bool = field(init=False, default=False)
+    original_architecture: str = field(init=False, default="LlamaForCausalLM")
+
+    def __post_init__(self) -> None:
+        for f in settable_fields():
+            setattr(self, f.name, coerce(f.name, f.type, getattr(self, f.name)))
+        for name in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_mlp", "d_vocab", "n_ctx"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("eps", "rotary_base", "initializer_range"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_key_value_heads:
+            raise ConfigError(
+                f"n_heads ({self.n_heads}) must be divisible by n_key_value_heads ({self.n_key_value_heads})"
+            )
+        self.d_head = self.d_model // self.n_heads
+        if self.d_head % 2:
+            raise ConfigError(f"d_head = d_model / n_heads = {self.d_head} must be even for rotary embeddings")
+        self.rotary_dim = self.d_head
+        self.d_vocab_out = self.d_vocab
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in settable_fields()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
+        missing = [f.name for f in settable_fields() if f.default is dataclasses.MISSING and f.name not in values]
+        if missing:
+            raise ConfigError(f"missing config key {missing[0]!r}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in settable_fields()}
+
+
+def settable_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(ModelConfig) if f.init]
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def coerce(name: str, type_name: str, value: Any) -> Any:
+    """Check `value` against the field's type; accept ints for floats and YAML 1.1's '1e-6' strings."""
+    typ = _TYPES[type_name]
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{name} must be {type_name}, got {value!r}")
+
+
+def preset_names() -> list[str]:
+    """Preset names, smallest model first ("1.25M", "5M", ...)."""
+    names = [p.name.removesuffix(".yaml") for p in resources.files("sslens.presets").iterdir() if p.name.endswith(".yaml")]
+    return sorted(names, key=lambda n: (float(n[:-1]), n) if n[:-1].replace(".", "", 1).isdigit() else (float("inf"), n))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["n_layers=2", "eps=1e-5"]`` (or ``--n_layers=2``) into a dict; values are read as YAML."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        try:
+            out[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def load_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
+    """Load a preset name (``"5M"``) or a YAML file, then apply overrides."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        text = path.read_text()
+    elif str(name_or_path) in preset_names():
+        text = resources.files("sslens.presets").joinpath(f"{name_or_path}.yaml").read_text()
+    else:
+        raise ConfigError(f"unknown preset {str(name_or_path)!r}; presets: {', '.join(preset_names())}, or a YAML path")
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name_or_path}: malformed YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name_or_path}: expected a mapping of config keys, got {type(values).__name__}")
+    return ModelConfig.from_dict({**values, **overrides})

@@ -1,0 +1,314 @@
+"""HookedLlama: the SimpleStories Llama with a TransformerLens HookPoint on every activation.
+
+Numerics follow HF `LlamaForCausalLM` (RMSNorm in fp32, rotate-half RoPE on the full head, GQA head order
+h -> h // n_rep, SwiGLU, tied unembedding); hook names and weight views follow TransformerLens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import einops
+import tokenizers
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .config import ModelConfig, load_config
+from .errors import SSLensError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.eps = cfg.eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]: sqrt(mean(x^2) + eps), as TransformerLens
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]: x / scale, before the weight
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        x32 = x.float()
+        scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x32 * scale.reciprocal()).to(x.dtype) * self.w
+
+
+def rotary_tables(cfg: ModelConfig) -> tuple[Float[Tensor, "n_ctx d_head"], Float[Tensor, "n_ctx d_head"]]:
+    inv_freq = 1.0 / cfg.rotary_base ** (torch.arange(0, cfg.d_head, 2, dtype=torch.float32) / cfg.d_head)
+    angles = torch.outer(torch.arange(cfg.n_ctx, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_rep = cfg.n_heads // cfg.n_key_value_heads
+        # Q, K and V in one matrix (rows: Q heads, then K heads, then V heads): one GEMM reads x once.
+        self.qkv_sizes = [cfg.n_heads * cfg.d_head] + 2 * [cfg.n_key_value_heads * cfg.d_head]
+        self.qkv_proj = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
+        cos, sin = rotary_tables(cfg)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()
+        self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], -inf above the diagonal
+        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    # TransformerLens weight views: W_Q [head, d_model, d_head], W_O [head, d_head, d_model]. W_K and W_V are
+    # repeated to one per query head (as TransformerLens does for GQA) so per-head circuits index them directly.
+    def _head_weights(self, index: int) -> Float[Tensor, "head d_model d_head"]:
+        w = self.qkv_proj.weight.split(self.qkv_sizes)[index]
+        return einops.rearrange(w, "(h e) d -> h d e", e=self.cfg.d_head)
+
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._head_weights(0)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._head_weights(1).repeat_interleave(self.n_rep, dim=0)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        return self._head_weights(2).repeat_interleave(self.n_rep, dim=0)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.o_proj.weight, "d (h e) -> h e d", h=self.cfg.n_heads)
+
+    def pattern_needed(self) -> bool:
+        # Any hook (TransformerLens or plain torch) on scores or pattern needs them materialised.
+        return any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        batch, pos, _ = x.shape
+        cfg = self.cfg
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = self.hook_q(q.view(batch, pos, cfg.n_heads, cfg.d_head))
+        k = self.hook_k(k.view(batch, pos, cfg.n_key_value_heads, cfg.d_head))
+        v = self.hook_v(v.view(batch, pos, cfg.n_key_value_heads, cfg.d_head))
+        cos = self.rotary_cos[:pos, None, :].to(q.dtype)
+        sin = self.rotary_sin[:pos, None, :].to(q.dtype)
+        q = self.hook_rot_q(apply_rotary(q, cos, sin)).transpose(1, 2)
+        k = self.hook_rot_k(apply_rotary(k, cos, sin)).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.pattern_needed():
+            z = self.explicit_attention(q, k, v)
+        else:
+            # The fused kernel never materialises the [q_pos, k_pos] pattern: the fast path for training
+            # and for caching anything but scores/pattern.
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
+        z = self.hook_z(z.transpose(1, 2))
+        return self.o_proj(z.reshape(batch, pos, cfg.n_heads * cfg.d_head))
+
+    def explicit_attention(self, q: Float[Tensor, "batch head pos d_head"], k: Float[Tensor, "batch kv_head pos d_head"],
+                           v: Float[Tensor, "batch kv_head pos d_head"]) -> Float[Tensor, "batch head pos d_head"]:
+        """Scores and pattern materialised for their hooks. The n_rep query heads that share a KV head are
+        stacked along the position axis, so one batched matmul serves them without copying K or V."""
+        batch, n_kv, pos, d_head = k.shape
+        rows = self.n_rep * pos
+        causal = torch.full((pos, pos), float("-inf"), device=q.device, dtype=q.dtype).triu(1).repeat(self.n_rep, 1)
+        scores = torch.baddbmm(causal, q.reshape(batch * n_kv, rows, d_head), k.reshape(batch * n_kv, pos, d_head).transpose(1, 2),
+                               alpha=1 / math.sqrt(d_head))
+        scores = self.hook_attn_scores(scores.view(batch, self.cfg.n_heads, pos, pos))
+        pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
+        return (pattern.reshape(batch, n_kv, rows, pos) @ v).view(batch, self.cfg.n_heads, pos, d_head)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=False)  # rows: gate, then up
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
+        self.hook_pre = HookPoint()  # gate pre-activation [batch, pos, d_mlp]
+        self.hook_pre_linear = HookPoint()  # up projection [batch, pos, d_mlp]
+        self.hook_post = HookPoint()  # silu(pre) * pre_linear [batch, pos, d_mlp]
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.gate_up_proj.weight.chunk(2)[0].T
+
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        return self.gate_up_proj.weight.chunk(2)[1].T
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.down_proj.weight.T
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        pre, pre_linear = self.gate_up_proj(x).chunk(2, dim=-1)
+        pre, pre_linear = self.hook_pre(pre), self.hook_pre_linear(pre_linear)
+        return self.down_proj(self.hook_post(F.silu(pre) * pre_linear))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg)
+        self.attn = Attention(cfg)
+        self.ln2 = RMSNorm(cfg)
+        self.mlp = MLP(cfg)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(x)
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre))))
+        return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
+
+
+class HookedLlama(HookedRootModule):
+    """A Llama whose every activation is a TransformerLens HookPoint.
+
+    >>> model = HookedLlama.from_preset("5M", seed=0)
+    >>> logits, cache = model.run_with_cache(tokens)   # cache: transformer_lens.ActivationCache
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: tokenizers.Tokenizer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.ln_final = RMSNorm(cfg)
+        self.setup()
+
+    @classmethod
+    def from_preset(cls, name: str | Path, seed: int = 0, **overrides) -> HookedLlama:
+        """A freshly initialised model from a preset name ("5M") or YAML path."""
+        model = cls(load_config(name, **overrides))
+        model.init_weights(seed)
+        return model
+
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, initializer_range) everywhere, scaled by 1/sqrt(2 n_layers) on the two projections that
+        write into the residual stream (GPT-2 style, keeps the residual variance flat with depth); norms at 1."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.cfg.initializer_range
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith(".w"):
+                    p.fill_(1.0)
+                else:
+                    scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                    p.copy_(torch.randn(p.shape, generator=gen) * std * scale)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        return_type: Literal["logits", "loss", "both"] | None = "logits",
+    ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, ""] | tuple[Tensor, Tensor] | None:
+        """Logits, or the mean next-token cross-entropy ("loss"), or both, as TransformerLens's forward."""
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            raise SSLensError(f"{tokens.shape[-1]} tokens exceed the context of {self.cfg.n_ctx}; truncate the input")
+        x = self.hook_embed(self.embed(tokens))
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(self.ln_final(x), self.embed.weight)
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        return loss if return_type == "loss" else (logits, loss)
+
+    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
+                       **kwargs) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:
+        """As TransformerLens: the output and an ActivationCache (or a plain dict)."""
+        out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
+        if return_cache_object:
+            return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
+
+    # ---- TransformerLens surface -------------------------------------------------------------------------
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.embed.weight.T
+
+    def _stack(self, get) -> Tensor:
+        return torch.stack([get(block) for block in self.blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_Q)
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_K)
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(lambda b: b.attn.W_V)
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stack(lambda b: b.attn.W_O)
+
+    @property
+    def W_gate(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack(lambda b: b.mlp.W_gate)
+
+    @property
+    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
+        return self._stack(lambda b: b.mlp.W_in)
+
+    @property
+    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
+        return self._stack(lambda b: b.mlp.W_out)
+
+    def tokens_to_residual_directions(self, tokens: str | int | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
+        """The residual direction whose dot product with the RMS-scaled residual gives each token's logit.
+
+        Unlike TransformerLens without `fold_ln`, this includes ln_final's weight, so `cache.logit_attrs` on a
+        `decompose_resid` stack sums exactly to the logits of this unfolded (real) Llama.
+        """
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        tokens = torch.as_tensor(tokens, device=self.W_E.device)
+        return self.W_E[tokens] * self.ln_final.w
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
+        """Llama has no biases: the accumulated bias is zero."""
+        return torch.zeros(self.cfg.d_model, device=self.W_E.device, dtype=self.W_E.dtype)
+
+    def to_single_token(self, string: str) -> int:
+        if self.tokenizer is None:
+            raise SSLensError("this model has no tokenizer attached; pass token ids instead of strings")
+        ids = self.tokenizer.encode(string, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise SSLensError(f"{string!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
+    def save_hf(self, path: str | Path) -> None:
+        """Write an HF `LlamaForCausalLM` directory (config, safetensors, tokenizer files if attached)."""
+        from .hf import save_hf
+
+        save_hf(self, path)
