@@ -1,0 +1,42 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sslens import HookedLlama
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SSLENS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+PRESETS = ["1.25M", "5M", "11M", "30M", "35M"]
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared/data (real SimpleStories/TinyStories material), or skip the test saying why."""
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the shared SimpleStories data sits beside the checkout (or set SSLENS_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No test may reach the network: the hub client fails fast instead."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def small_model() -> HookedLlama:
+    """A 3-layer model with 4 query heads sharing 2 KV heads (so GQA is exercised) and non-trivial norm weights."""
+    model = HookedLlama.from_preset("1.25M", seed=0, n_layers=3).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".w"):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+    return model
+
+
+def random_tokens(batch: int, pos: int, vocab: int = 4096, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))

@@ -1,0 +1,26 @@
+import json
+import subprocess
+import sys
+
+from sslens.bench import bench_model, interleaved
+
+
+def test_interleaved_alternates_sides_and_warms_up():
+    calls = []
+    t_ours, t_peer = interleaved(lambda: calls.append("o"), lambda: calls.append("p"), reps=3)
+    assert calls == ["o", "p", "o", "p", "p", "o", "o", "p"]
+    assert len(t_ours) == len(t_peer) == 3
+
+
+def test_bench_rows_on_a_tiny_run():
+    rows = bench_model("1.25M", batch=1, seq=16, reps=2)
+    assert [r.name for r in rows] == ["forward_nohooks_vs_hf", "cache_vs_tl_bridge"]
+    assert all(r.ours_tok_s > 0 and r.peer_tok_s > 0 and r.ratio > 0 for r in rows)
+
+
+def test_cli_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "sslens.cli", "bench", "--preset", "1.25M", "--batch", "1", "--seq", "8",
+                        "--reps", "1", "--json", str(out)], capture_output=True, text=True, check=True)
+    assert "forward_nohooks_vs_hf" in r.stdout and "cache_vs_tl_bridge" in r.stdout
+    assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge"}

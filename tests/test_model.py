@@ -1,0 +1,193 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformer_lens import ActivationCache
+
+from sslens import HookedLlama, SSLensError
+
+from conftest import random_tokens
+
+BLOCK_HOOKS = [
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
+    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
+    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+]
+
+
+def test_hook_names_are_transformerlens_names(small_model):
+    expected = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"}
+    expected |= {f"blocks.{i}.{h}" for i in range(small_model.cfg.n_layers) for h in BLOCK_HOOKS}
+    assert set(small_model.hook_dict) == expected
+
+
+def test_cached_shapes(small_model):
+    cfg = small_model.cfg
+    b, p, h, kv, d = 2, 7, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+    _, cache = small_model.run_with_cache(random_tokens(b, p))
+    assert isinstance(cache, ActivationCache)
+    shapes = {
+        "hook_embed": (b, p, cfg.d_model), "blocks.1.ln1.hook_scale": (b, p, 1),
+        "blocks.1.attn.hook_q": (b, p, h, d), "blocks.1.attn.hook_k": (b, p, kv, d), "blocks.1.attn.hook_v": (b, p, kv, d),
+        "blocks.1.attn.hook_rot_q": (b, p, h, d), "blocks.1.attn.hook_rot_k": (b, p, kv, d),
+        "blocks.1.attn.hook_attn_scores": (b, h, p, p), "blocks.1.attn.hook_pattern": (b, h, p, p),
+        "blocks.1.attn.hook_z": (b, p, h, d), "blocks.1.mlp.hook_pre": (b, p, cfg.d_mlp),
+        "blocks.1.mlp.hook_post": (b, p, cfg.d_mlp), "blocks.1.hook_resid_post": (b, p, cfg.d_model),
+    }
+    assert {k: tuple(cache[k].shape) for k in shapes} == shapes
+
+
+def test_pattern_is_causal_and_normalised(small_model):
+    _, cache = small_model.run_with_cache(random_tokens(2, 9), names_filter=lambda n: "pattern" in n or "scores" in n)
+    pattern = cache["blocks.0.attn.hook_pattern"]
+    assert torch.allclose(pattern.sum(-1), torch.ones(()), atol=1e-6)
+    assert (pattern.triu(1) == 0).all()
+    assert torch.isneginf(cache["blocks.0.attn.hook_attn_scores"].triu(1)[..., 0, 1:]).all()
+
+
+def test_fast_path_only_when_pattern_unhooked(small_model, monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    tokens = random_tokens(2, 33)
+    n = small_model.cfg.n_layers
+    fast = small_model(tokens)
+    assert len(calls) == n
+    small_model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_z"))
+    assert len(calls) == 2 * n  # caching z alone keeps the fused kernel
+    slow, _ = small_model.run_with_cache(tokens, names_filter="blocks.1.attn.hook_pattern")
+    assert len(calls) == 3 * n - 1  # only layer 1 materialises its pattern
+    explicit, _ = small_model.run_with_cache(tokens)
+    assert len(calls) == 3 * n - 1
+    torch.testing.assert_close(explicit, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
+
+
+def test_rms_norm_scale_by_hand(small_model):
+    _, cache = small_model.run_with_cache(random_tokens(1, 5))
+    x = cache["blocks.2.hook_resid_mid"]
+    scale = (x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(cache["blocks.2.ln2.hook_scale"], scale)
+    torch.testing.assert_close(cache["blocks.2.ln2.hook_normalized"], x / scale)
+
+
+def test_weight_views_reproduce_activations(small_model):
+    """W_Q/W_K/W_V/W_O/W_gate/W_in/W_out, in TransformerLens layouts, reproduce the cached activations."""
+    m = small_model
+    _, cache = m.run_with_cache(random_tokens(2, 6))
+    layer, n_rep = 1, m.cfg.n_heads // m.cfg.n_key_value_heads
+    x = cache[f"blocks.{layer}.ln1.hook_normalized"] * m.blocks[layer].ln1.w
+    torch.testing.assert_close(torch.einsum("bpd,hde->bphe", x, m.W_Q[layer]), cache[f"blocks.{layer}.attn.hook_q"])
+    k_per_query_head = torch.einsum("bpd,hde->bphe", x, m.W_K[layer])
+    v_per_query_head = torch.einsum("bpd,hde->bphe", x, m.W_V[layer])
+    for h in range(m.cfg.n_heads):  # query head h reads KV head h // n_rep (HF order)
+        torch.testing.assert_close(k_per_query_head[:, :, h], cache[f"blocks.{layer}.attn.hook_k"][:, :, h // n_rep])
+        torch.testing.assert_close(v_per_query_head[:, :, h], cache[f"blocks.{layer}.attn.hook_v"][:, :, h // n_rep])
+    attn_out = torch.einsum("bphe,hed->bpd", cache[f"blocks.{layer}.attn.hook_z"], m.W_O[layer])
+    torch.testing.assert_close(attn_out, cache[f"blocks.{layer}.hook_attn_out"], atol=1e-6, rtol=1e-5)
+    x2 = cache[f"blocks.{layer}.ln2.hook_normalized"] * m.blocks[layer].ln2.w
+    torch.testing.assert_close(x2 @ m.W_gate[layer], cache[f"blocks.{layer}.mlp.hook_pre"])
+    torch.testing.assert_close(x2 @ m.W_in[layer], cache[f"blocks.{layer}.mlp.hook_pre_linear"])
+    torch.testing.assert_close(cache[f"blocks.{layer}.mlp.hook_post"] @ m.W_out[layer], cache[f"blocks.{layer}.hook_mlp_out"],
+                               atol=1e-6, rtol=1e-5)
+    assert m.W_U.shape == (m.cfg.d_model, m.cfg.d_vocab) and m.W_U.data_ptr() == m.W_E.data_ptr()  # tied
+
+
+def test_identity_attention_makes_z_equal_v_with_gqa_head_order(small_model):
+    """Patch the scores so each position attends only to itself: z must then be the value of its KV head."""
+    def diagonal_only(scores, hook):
+        off_diagonal = ~torch.eye(scores.shape[-1], dtype=torch.bool)
+        return scores.masked_fill(off_diagonal, float("-inf"))
+
+    m = small_model
+    n_rep = m.cfg.n_heads // m.cfg.n_key_value_heads
+    cache = {}
+    m.run_with_hooks(random_tokens(2, 8), fwd_hooks=[
+        ("blocks.0.attn.hook_attn_scores", diagonal_only),
+        ("blocks.0.attn.hook_v", lambda t, hook: cache.__setitem__("v", t)),
+        ("blocks.0.attn.hook_z", lambda t, hook: cache.__setitem__("z", t)),
+    ])
+    torch.testing.assert_close(cache["z"], cache["v"].repeat_interleave(n_rep, dim=2))
+
+
+def test_zeroing_a_head_equals_zeroing_its_output_weights(small_model):
+    tokens = random_tokens(2, 10)
+    layer, head, d = 1, 2, small_model.cfg.d_head
+
+    def ablate(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0
+        return z
+
+    patched = small_model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])
+    edited = copy.deepcopy(small_model)
+    with torch.no_grad():
+        edited.blocks[layer].attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
+    torch.testing.assert_close(patched, edited(tokens))
+    assert not torch.allclose(patched, small_model(tokens))
+    assert not any(hp.has_hooks() for hp in small_model.hook_points())  # run_with_hooks cleaned up
+
+
+def test_patching_the_whole_residual_stream_transplants_the_run(small_model):
+    clean, corrupt = random_tokens(1, 12, seed=1), random_tokens(1, 12, seed=2)
+    clean_logits, clean_cache = small_model.run_with_cache(clean)
+    patched = small_model.run_with_hooks(
+        corrupt, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, hook: clean_cache["blocks.1.hook_resid_pre"])])
+    torch.testing.assert_close(patched, clean_logits)
+
+
+def test_activation_cache_against_hand_computation(small_model):
+    m = small_model
+    tokens = random_tokens(2, 11)
+    logits, cache = m.run_with_cache(tokens)
+    n = m.cfg.n_layers
+
+    # Logit lens: the final accumulated residual through ln_final and W_U gives the logits; an intermediate
+    # one normalised with the cached scale is what that layer's ln1 saw.
+    accumulated, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
+    assert labels == [f"{i}_pre" for i in range(n)] + ["final_post"]
+    torch.testing.assert_close(accumulated[-1] @ m.W_U, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache.accumulated_resid(layer=1, apply_ln=True)[-1], cache["blocks.1.ln1.hook_normalized"])
+
+    # The residual stream is the sum of its parts; per-head results add up to each attention output.
+    parts, part_labels = cache.decompose_resid(return_labels=True)
+    assert part_labels == ["embed"] + [f"{i}_{c}" for i in range(n) for c in ("attn_out", "mlp_out")]
+    torch.testing.assert_close(parts.sum(0), cache[f"blocks.{n - 1}.hook_resid_post"], atol=1e-5, rtol=1e-5)
+    heads, head_labels = cache.stack_head_results(layer=-1, return_labels=True)
+    assert heads.shape[0] == n * m.cfg.n_heads and head_labels[:2] == ["L0H0", "L0H1"]
+    per_layer = heads.view(n, m.cfg.n_heads, *heads.shape[1:]).sum(1)
+    for i in range(n):
+        torch.testing.assert_close(per_layer[i], cache[f"blocks.{i}.hook_attn_out"], atol=1e-5, rtol=1e-5)
+
+    # Direct logit attribution is exact: the attributions of all parts sum to the logit.
+    answer = tokens[:, -1]
+    attrs = cache.logit_attrs(parts[:, :, -1], tokens=answer, pos_slice=-1)
+    torch.testing.assert_close(attrs.sum(0), logits[torch.arange(2), -1, answer], atol=1e-4, rtol=1e-5)
+    stacked = cache.apply_ln_to_stack(parts, layer=-1)
+    torch.testing.assert_close((stacked.sum(0) * m.ln_final.w) @ m.W_U, logits, atol=1e-4, rtol=1e-5)
+    directions = m.tokens_to_residual_directions(tokens)
+    assert directions.shape == (*tokens.shape, m.cfg.d_model)
+
+
+def test_remove_batch_dim_and_loss(small_model):
+    tokens = random_tokens(1, 9)
+    logits, cache = small_model.run_with_cache(tokens, remove_batch_dim=True)
+    assert cache["blocks.0.hook_resid_pre"].shape == (9, small_model.cfg.d_model)
+    loss = small_model(tokens, return_type="loss")
+    torch.testing.assert_close(loss, F.cross_entropy(logits[0, :-1], tokens[0, 1:]))
+
+
+def test_bfloat16_runs_with_norms_in_float32(small_model):
+    model = copy.deepcopy(small_model).to(torch.bfloat16)
+    tokens = random_tokens(2, 16)
+    logits, cache = model.run_with_cache(tokens)
+    assert logits.dtype == torch.bfloat16 and cache["blocks.0.ln1.hook_scale"].dtype == torch.float32
+    assert (logits.float().softmax(-1) - small_model(tokens).softmax(-1)).abs().max() < 0.02
+
+
+def test_too_long_input_is_refused(small_model):
+    with pytest.raises(SSLensError, match="exceed the context of 512"):
+        small_model(random_tokens(1, 513))
