@@ -178,6 +178,15 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
 
 
+def _stacked(module: str, weight: str, shape: str) -> property:
+    """A TransformerLens model-level weight: the per-block weight stacked over layers."""
+    def get(self: HookedLlama) -> Tensor:
+        return torch.stack([getattr(getattr(block, module), weight) for block in self.blocks])
+
+    get.__doc__ = f"`blocks[i].{module}.{weight}` stacked: [{shape}]"
+    return property(get)
+
+
 class HookedLlama(HookedRootModule):
     """A Llama whose every activation is a TransformerLens HookPoint.
 
@@ -253,36 +262,13 @@ class HookedLlama(HookedRootModule):
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
         return self.embed.weight.T
 
-    def _stack(self, get) -> Tensor:
-        return torch.stack([get(block) for block in self.blocks])
-
-    @property
-    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(lambda b: b.attn.W_Q)
-
-    @property
-    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(lambda b: b.attn.W_K)
-
-    @property
-    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(lambda b: b.attn.W_V)
-
-    @property
-    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
-        return self._stack(lambda b: b.attn.W_O)
-
-    @property
-    def W_gate(self) -> Float[Tensor, "layer d_model d_mlp"]:
-        return self._stack(lambda b: b.mlp.W_gate)
-
-    @property
-    def W_in(self) -> Float[Tensor, "layer d_model d_mlp"]:
-        return self._stack(lambda b: b.mlp.W_in)
-
-    @property
-    def W_out(self) -> Float[Tensor, "layer d_mlp d_model"]:
-        return self._stack(lambda b: b.mlp.W_out)
+    W_Q = _stacked("attn", "W_Q", "layer head d_model d_head")
+    W_K = _stacked("attn", "W_K", "layer head d_model d_head")
+    W_V = _stacked("attn", "W_V", "layer head d_model d_head")
+    W_O = _stacked("attn", "W_O", "layer head d_head d_model")
+    W_gate = _stacked("mlp", "W_gate", "layer d_model d_mlp")
+    W_in = _stacked("mlp", "W_in", "layer d_model d_mlp")
+    W_out = _stacked("mlp", "W_out", "layer d_mlp d_model")
 
     def tokens_to_residual_directions(self, tokens: str | int | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
         """The residual direction whose dot product with the RMS-scaled residual gives each token's logit.
