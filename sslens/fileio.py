@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -11,3 +12,14 @@ def atomic_replace(src: Path, dst: Path) -> None:
     with open(src, "rb") as f:
         os.fsync(f.fileno())
     os.replace(src, dst)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it, so `path` is never half-written."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        f.write(text)
+    try:
+        atomic_replace(Path(f.name), path)
+    except BaseException:
+        Path(f.name).unlink(missing_ok=True)
+        raise

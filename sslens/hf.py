@@ -6,7 +6,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import tokenizers
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, PreTrainedTokenizerFast
@@ -15,6 +14,7 @@ from .config import ModelConfig
 from .errors import ConfigError, SSLensError
 from .fileio import atomic_replace
 from .model import HookedLlama
+from .tokenizer import load_tokenizer
 
 def hf_state_dict(model: HookedLlama) -> dict[str, torch.Tensor]:
     """Our weights under HF Llama names (fused QKV and gate|up matrices split back apart)."""
@@ -128,7 +128,7 @@ def load_hf(path: str | Path) -> HookedLlama:
     except (KeyError, RuntimeError) as e:
         raise SSLensError(f"{path}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
     if (path / "tokenizer.json").is_file():
-        model.tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        model.tokenizer = load_tokenizer(path / "tokenizer.json")
     return model
 
 

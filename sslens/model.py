@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .config import ModelConfig, load_config
 from .errors import SSLensError
+from .tokenizer import encode
 
 
 class RMSNorm(nn.Module):
@@ -288,7 +289,7 @@ class HookedLlama(HookedRootModule):
     def to_single_token(self, string: str) -> int:
         if self.tokenizer is None:
             raise SSLensError("this model has no tokenizer attached; pass token ids instead of strings")
-        ids = self.tokenizer.encode(string, add_special_tokens=False).ids
+        ids = encode(self.tokenizer, string, eos=False)
         if len(ids) != 1:
             raise SSLensError(f"{string!r} is {len(ids)} tokens, not one")
         return ids[0]
