@@ -1,10 +1,14 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# No test may reach the network: the hub clients read these when first imported, so set them before sslens.
+os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from sslens import HookedLlama
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sslens import HookedLlama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SSLENS_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -18,13 +22,6 @@ def shared_file(relative: str) -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is absent: the shared SimpleStories data sits beside the checkout (or set SSLENS_SHARED_DATA)")
     return path
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """No test may reach the network: the hub client fails fast instead."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
