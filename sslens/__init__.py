@@ -1,8 +1,28 @@
-"""sslens: train tiny Llama models on SimpleStories-style data and take them apart."""
+"""sslens: train tiny Llama models on SimpleStories-style data and take them apart.
 
-from .config import ModelConfig, load_config, preset_names
-from .errors import ConfigError, SSLensError
-from .hf import load_model
-from .model import HookedLlama
+The names below are imported on first use, so that commands which need no model (data, tokenizer) start
+without loading torch and TransformerLens.
+"""
 
-__all__ = ["HookedLlama", "ModelConfig", "load_config", "load_model", "preset_names", "ConfigError", "SSLensError"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "HookedLlama": "model", "ModelConfig": "config", "load_config": "config", "preset_names": "config",
+    "load_model": "hf", "ConfigError": "errors", "SSLensError": "errors",
+}
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .config import ModelConfig, load_config, preset_names
+    from .errors import ConfigError, SSLensError
+    from .hf import load_model
+    from .model import HookedLlama
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'sslens' has no attribute {name!r}")

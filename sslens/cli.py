@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-import torch
+import time
 
 from .config import parse_overrides, preset_names
 from .errors import SSLensError
 
 
 def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
+    import torch
+
     from .model import HookedLlama
 
     model = HookedLlama.from_preset(args.config, seed=args.seed, **parse_overrides(overrides)).eval()
@@ -32,10 +33,11 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
+    import torch
+
     from .bench import as_json, bench_model, format_rows
 
-    if overrides:
-        raise SSLensError(f"unknown option {overrides[0]}")
+    _no_extra(overrides)
     torch.manual_seed(0)
     rows = bench_model(args.preset, args.batch, args.seq, args.reps)
     print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
@@ -43,6 +45,31 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(as_json(rows), f, indent=2)
+
+
+def cmd_data_synth(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .synth import write_parquet
+
+    _no_extra(overrides)
+    start = time.perf_counter()
+    path = write_parquet(args.out, args.n, args.seed)
+    print(f"wrote {args.n:,} stories to {path} ({args.n / (time.perf_counter() - start):,.0f} stories/s)")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .data import load_stories
+    from .tokenizer import save_tokenizer, train_tokenizer
+
+    _no_extra(overrides)
+    stories = load_stories(args.data, "train")
+    tok = train_tokenizer((batch["story"] for batch in stories.iter(batch_size=1000)), args.vocab_size)
+    save_tokenizer(tok, args.out)
+    print(f"trained a {tok.get_vocab_size():,}-token WordPiece tokenizer on {len(stories):,} stories; wrote {args.out}")
+
+
+def _no_extra(overrides: list[str]) -> None:
+    if overrides:
+        raise SSLensError(f"unknown option {overrides[0]}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,6 +88,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--reps", type=int, default=7)
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     b.set_defaults(run=cmd_bench)
+    d = sub.add_parser("data", help="the embedded story corpus").add_subparsers(dest="data_command", required=True)
+    syn = d.add_parser("synth", help="generate labelled stories in the SimpleStories schema (21 columns) as parquet")
+    syn.add_argument("--n", type=int, default=10_000, help="number of stories")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--out", required=True, metavar="FILE.parquet")
+    syn.set_defaults(run=cmd_data_synth)
+    t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
+    tt = t.add_parser("train", help="train the SimpleStories WordPiece recipe on a story source")
+    tt.add_argument("--data", required=True, metavar="SRC", help="synth, synth:N, a hub dataset, or a .parquet/.jsonl/.json/.txt path")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--out", required=True, metavar="tokenizer.json")
+    tt.set_defaults(run=cmd_tokenizer_train)
     return p
 
 
@@ -70,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
         args.run(args, extra)
     except SSLensError as e:
         print(f"sslens: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a path the user gave: missing directory, no permission, disk full
+        print(f"sslens: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         sys.exit(2)
 
 

@@ -25,6 +25,7 @@ from .fileio import atomic_replace
 from .tokenizer import encode_batch
 
 DEFAULT_SOURCE = "SimpleStories/SimpleStories"
+SYNTH_STORIES = 100_000  # size of the embedded corpus's train split for `synth` (`synth:N` picks another)
 TEXT_COLUMNS = ("story", "text")  # SimpleStories, TinyStories
 _FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
 OFFLINE_HINT = "offline, use --data=synth (the embedded corpus) or --data=PATH (a local .parquet/.jsonl/.json/.txt)"
@@ -40,12 +41,15 @@ def load_stories(source: str | Path = DEFAULT_SOURCE, split: str = "train", text
     """One split of a story dataset, with its metadata columns, and the text in column "story".
 
     `source`: an HF hub dataset name; a .parquet/.jsonl/.json file or a directory of them (the HF layout with
-    files named by split, e.g. data/train-*.parquet, included); or a .txt file, whose stories are separated by
-    `<|endoftext|>` if it contains that marker and by blank lines otherwise. The text column is `text_column`,
-    else "story", else "text".
+    files named by split, e.g. data/train-*.parquet, included); a .txt file, whose stories are separated by
+    `<|endoftext|>` if it contains that marker and by blank lines otherwise; or "synth" / "synth:N", the embedded
+    corpus (N train stories, default 100,000, and a test split of N / 100 more), generated once and cached.
+    The text column is `text_column`, else "story", else "text".
     """
     path = Path(source)
-    if path.is_file():
+    if str(source) == "synth" or str(source).startswith("synth:"):
+        ds = _synth(str(source), split)
+    elif path.is_file():
         ds = _load_file(path, split)
     elif path.is_dir():
         ds = _load_split(lambda: datasets.load_dataset(str(path), split=split), f"directory {path}", split)
@@ -62,6 +66,23 @@ def load_stories(source: str | Path = DEFAULT_SOURCE, split: str = "train", text
     if len(ds) == 0:
         raise SSLensError(f"{source} ({split}) holds no stories")
     return ds
+
+
+def _synth(source: str, split: str) -> datasets.Dataset:
+    from . import synth
+
+    try:
+        n = int(source.partition(":")[2] or SYNTH_STORIES)
+    except ValueError:
+        raise SSLensError(f"{source}: the size after 'synth:' must be a number of stories") from None
+    if split not in ("train", "test"):
+        raise MissingSplit(f"the embedded corpus has splits 'train' and 'test', not {split!r}")
+    start, count = (0, n) if split == "train" else (n, max(1, n // 100))
+    path = cache_root() / "synth" / f"synth-{synth.version()}-{start}-{count}.parquet"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synth.write_parquet(path, count, seed=0, start=start)
+    return datasets.load_dataset("parquet", data_files=str(path), split="train")
 
 
 def _load_file(path: Path, split: str) -> datasets.Dataset:
@@ -121,8 +142,9 @@ def tokenizer_hash(tok: tokenizers.Tokenizer) -> str:
     return hashlib.blake2b(tok.to_str().encode(), digest_size=12).hexdigest()
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SSLENS_CACHE", Path.home() / ".cache" / "sslens")) / "tokens"
+def cache_root() -> Path:
+    """Where sslens caches token streams and the embedded corpus: $SSLENS_CACHE, else ~/.cache/sslens."""
+    return Path(os.environ.get("SSLENS_CACHE", Path.home() / ".cache" / "sslens"))
 
 
 def tokenize(stories: datasets.Dataset, tok: tokenizers.Tokenizer, cache_dir: str | Path | None = None,
@@ -131,7 +153,7 @@ def tokenize(stories: datasets.Dataset, tok: tokenizers.Tokenizer, cache_dir: st
     content and the tokenizer, so a second run opens it at once and any change rebuilds it."""
     if tok.get_vocab_size() > 2**16:
         raise SSLensError(f"tokenizer vocabulary {tok.get_vocab_size()} does not fit uint16 token storage")
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_dir = Path(cache_dir) if cache_dir else cache_root() / "tokens"
     path = cache_dir / f"{fingerprint(stories)}-{tokenizer_hash(tok)}.u16"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ Stories are plain ASCII; word counts and readability figures are computed from t
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import json
 import random
@@ -115,6 +116,11 @@ def _middle(paras: list[list[str]]) -> list[str]:
     return paras[len(paras) // 2]
 
 
+def _at_start(p: list[list[str]], para: list[str], sentence: str) -> None:
+    """Put `sentence` first in `para`; in the first paragraph, whose opener must stay first, put it last."""
+    para.append(sentence) if para is p[0] else para.insert(0, sentence)
+
+
 def _say(line: str, who: str) -> str:
     verb = "asked" if line.endswith("?") else "shouted" if line.endswith("!") else "said"
     return f'"{line[:-1]}," {verb} {who}.' if line.endswith(".") else f'"{line}" {verb} {who}.'
@@ -144,8 +150,9 @@ def _reorder(p, rng, reverse: bool):
 
 
 def _cliffhanger(p, th, rng):
-    """The last paragraph stops before the resolution."""
-    p[-1][1:] = ["Then the ground shook, and {hero} saw something no one had ever seen before."]
+    """The story stops before its resolution: the theme's ending is replaced by a moment of suspense."""
+    p[-1][:] = [t for t in p[-1] if t not in th["end"] and t not in th["moral"]]
+    p[-1].append("Then the ground shook, and {hero} saw something no one had ever seen before.")
 
 
 FEATURES: dict[str, Callable] = {
@@ -167,13 +174,13 @@ FEATURES: dict[str, Callable] = {
         p[-1].append("At least, that is how I tell it.")),
     "foreshadowing": lambda p, th, rng: (
         p[0].append("{hero} did not know it yet, but {thing} would soon matter a lot."),
-        p[-1].insert(0, "Just as the early sign had hinted, {thing} made all the difference.")),
+        _at_start(p, p[-1], "Just as the early sign had hinted, {thing} made all the difference.")),
     "irony": lambda p, th, rng: (
         p[0].append("{hero} said {he} would never, ever need {thing}."),
         p[-1].append("In the end, {thing} was the one thing {hero} needed most.")),
     "inner monologue": lambda p, th, rng: (
         _middle(p).append('{hero} thought to {him}self, "What should I do now?"'),
-        p[-1].insert(0, '"I can do this," {hero} thought quietly.')),
+        _at_start(p, p[-1], '"I can do this," {hero} thought quietly.')),
     "symbolism": lambda p, th, rng: (
         p[0].append("{thing} shone like a small sun, a sign of hope."),
         p[-1].append("And {thing} kept shining, just like {his} hope.")),
@@ -183,7 +190,7 @@ FEATURES: dict[str, Callable] = {
     "a non-linear timeline": lambda p, th, rng: _reorder(p, rng, reverse=False),
     "a reverse timeline": lambda p, th, rng: _reorder(p, rng, reverse=True),
     "circular narrative structure": lambda p, th, rng: p[-1].append("And so it began again. " + p[0][0]),
-    "a flashback": lambda p, th, rng: _middle(p).insert(0, "{hero} remembered a day long ago, when {he} first saw {thing}."),
+    "a flashback": lambda p, th, rng: _at_start(p, _middle(p), "{hero} remembered a day long ago, when {he} first saw {thing}."),
     "a nested structure": lambda p, th, rng: _middle(p).extend([
         "{friend} told a story about {a_creature}, who told a story about {a_thing}.",
         "Inside that story was one more story, small as a seed."]),
@@ -192,12 +199,12 @@ FEATURES: dict[str, Callable] = {
         "{hero} listened and thought about {his} own story."]),
     "a Red Herring": lambda p, th, rng: (
         p[0].append("{hero} was sure that {creature} was up to something."),
-        p[-1].insert(0, "But {creature} had nothing to do with it after all.")),
+        _at_start(p, p[-1], "But {creature} had nothing to do with it after all.")),
     "multiple perspectives": lambda p, th, rng: _middle(p).extend([
         "From {friend}'s side, things looked very different.", "{friend} saw a small problem where {hero} saw a big one."]),
     "Checkhov's gun": lambda p, th, rng: (
         p[0].append("On the wall of {place} hung an old rope that nobody ever used."),
-        p[-1].insert(0, "{hero} grabbed the old rope from the wall, and it saved the day.")),
+        _at_start(p, p[-1], "{hero} grabbed the old rope from the wall, and it saved the day.")),
     "the fourth wall": lambda p, th, rng: (
         p[0].insert(1, "Yes, you, reading this story, come a little closer."),
         _middle(p).append("You may be wondering, dear reader, what happened next.")),
@@ -206,8 +213,12 @@ FEATURES: dict[str, Callable] = {
         p[0].insert(1, "{hero} was not a nice hero. {He} was grumpy and rude to everyone."),
         p[-1].append("Still, in {his} own grumpy way, {hero} did the right thing.")),
     "juxtaposition": lambda p, th, rng: _middle(p).append("Outside, {place} was loud and bright, but inside, {hero} felt quiet and dark."),
-    "climactic structure": lambda p, th, rng: p[-1].insert(0, "First the wind blew. Then the rain fell. Then the whole sky shook."),
+    "climactic structure": lambda p, th, rng: _at_start(p, p[-1], "First the wind blew. Then the rain fell. Then the whole sky shook."),
 }
+
+
+# Features whose device is the story's final sentence: no style line may follow it.
+LAST_SENTENCE_FEATURES = {"a cliffhanger", "circular narrative structure", "a twist ending", "a story told through letters"}
 
 
 def plan(labels: dict, rng: random.Random) -> list[list[str]]:
@@ -231,7 +242,6 @@ def plan(labels: dict, rng: random.Random) -> list[list[str]]:
         for _ in range(n - 5):  # middle paragraphs: the world of the topic
             paras.insert(-2, [pool.pop() for pool in (events, flavor) if pool])
     paras = [list(p) for p in paras]
-    FEATURES[labels["feature"]](paras, th, rng)
     if labels["grammar"]:
         _middle(paras).append(rng.choice(c["grammars"][labels["grammar"]]))
     if labels["persona"]:
@@ -240,14 +250,17 @@ def plan(labels: dict, rng: random.Random) -> list[list[str]]:
         if n > 2:
             _middle(paras).append(persona["aside"])
         paras[-1].append(persona["outro"])
+    FEATURES[labels["feature"]](paras, th, rng)
+    last_stays_last = labels["feature"] in LAST_SENTENCE_FEATURES
     for i, para in enumerate(paras):  # the style's own lines
-        if flavor and rng.random() < 0.5:
-            para.insert(rng.randint(1, len(para)), flavor.pop())
-        if questions and rng.random() < style.question:
+        keep_last = last_stays_last and i == n - 1
+        if flavor and len(para) > keep_last and rng.random() < 0.5:
+            para.insert(rng.randint(1, len(para) - keep_last), flavor.pop())
+        if questions and not keep_last and rng.random() < style.question:
             para.append(questions.pop())
         if style.refrain and i < n - 1:
             para.append(lines["refrain"])
-    if labels["feature"] != "a cliffhanger" and rng.random() < 0.7:
+    if not last_stays_last and rng.random() < 0.7:
         paras[-1].append(rng.choice(lines["closer"]))
     return paras
 
@@ -283,10 +296,12 @@ _VOWELS = re.compile(r"[aeiouy]+")
 
 
 def syllables(word: str) -> int:
-    """Vowel groups, less a silent final e: the usual readability heuristic."""
+    """Vowel groups, less a silent final -e, -ed or -es: the usual readability heuristic."""
     word = word.lower()
-    n = len(_VOWELS.findall(word)) - (word.endswith("e") and not word.endswith(("le", "ee")) and len(word) > 2)
-    return max(1, n)
+    silent = ((word.endswith("e") and not word.endswith(("le", "ee")))
+              or (word.endswith("ed") and not word.endswith(("ted", "ded")))
+              or (word.endswith("es") and not word.endswith(("ses", "xes", "zes", "ces", "ges", "shes", "ches"))))
+    return max(1, len(_VOWELS.findall(word)) - (silent and len(word) > 3))
 
 
 class _PerWord(dict):
@@ -345,20 +360,33 @@ def generate(n: int, seed: int = 0, start: int = 0) -> list[dict]:
     return [story(seed, i) for i in range(start, start + n)]
 
 
-def write_parquet(path: str | Path, n: int, seed: int = 0) -> Path:
-    """`n` stories as a parquet file in the SimpleStories schema, written atomically."""
+def write_parquet(path: str | Path, n: int, seed: int = 0, start: int = 0) -> Path:
+    """Stories start .. start + n - 1 as a parquet file in the SimpleStories schema, written atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ..errors import SSLensError
     from ..fileio import atomic_replace
 
     path = Path(path)
-    rows = generate(n, seed)
+    if not path.parent.is_dir():
+        raise SSLensError(f"output directory {path.parent} does not exist")
+    rows = generate(n, seed, start)
     table = pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema())
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     atomic_replace(tmp, path)
     return path
+
+
+@functools.cache
+def version() -> str:
+    """A hash of the generator's code and content: cached corpora are rebuilt when it changes."""
+    files = resources.files(__name__)
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(f.name for f in files.iterdir() if f.name.endswith((".py", ".yaml", ".json"))):
+        h.update(files.joinpath(name).read_bytes())
+    return h.hexdigest()
 
 
 def schema():
