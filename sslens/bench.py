@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from transformers import LlamaForCausalLM
@@ -80,3 +81,70 @@ def format_rows(rows: list[Row], header: str) -> str:
 
 def as_json(rows: list[Row]) -> dict:
     return {r.name: asdict(r) for r in rows}
+
+
+def bench_data(n_stories: int = 100_000, vocab_size: int = 4096) -> dict:
+    """The embedded corpus and the token pipeline: generation speed, tokenizer fit ([UNK] rate on unseen stories),
+    tokens per story, tokenization speed against calling `tokenizers` directly, and how far a bag-of-words linear
+    classifier gets on theme, topic and style (the labels should not live in keywords alone)."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from . import synth
+    from .data import load_stories, tokenize
+    from .tokenizer import encode_batch, train_tokenizer
+
+    out: dict = {"stories": n_stories}
+    synth.content()
+    start, cpu = time.perf_counter(), time.process_time()
+    rows = synth.generate(n_stories, seed=0)
+    out["synth_stories_per_s"] = n_stories / (time.process_time() - cpu)  # one process, one core
+    out["synth_wall_s"] = time.perf_counter() - start
+    stories = [r["story"] for r in rows]
+    unseen = [r["story"] for r in synth.generate(10_000, seed=1)]
+
+    tok = train_tokenizer(stories, vocab_size)
+    out["tokenizer_vocab"] = tok.get_vocab_size()
+    unseen_ids = [i for ids in encode_batch(tok, unseen, eos=False) for i in ids]
+    out["unk_rate_unseen"] = unseen_ids.count(0) / len(unseen_ids)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = synth.write_rows(Path(tmp) / "s.parquet", rows)
+        ds = load_stories(path)
+        t_ours, t_direct = [], []
+        for rep in range(2):  # alternate the two sides; a fresh cache directory each time, so nothing is reused
+            start = time.perf_counter()
+            stream = tokenize(ds, tok, cache_dir=Path(tmp) / f"c{rep}")
+            t_ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            [e.ids for e in tok.encode_batch(stories)]  # the peer: tokenizers' own parallel batch, ids in hand
+            t_direct.append(time.perf_counter() - start)
+        out["tokens"] = len(stream)
+        out["tokens_per_story"] = len(stream) / n_stories
+        out["tokenize_tok_s"] = len(stream) / min(t_ours)
+        out["tokenize_vs_direct"] = min(t_direct) / min(t_ours)
+        del stream
+
+    n_fit, n_test = min(20_000, n_stories // 2), min(5_000, n_stories // 4)
+    vectorizer = CountVectorizer(token_pattern=r"(?u)\b\w+\b|[^\w\s]", lowercase=True)  # punctuation counts too
+    x_fit, x_test = vectorizer.fit_transform(stories[:n_fit]), vectorizer.transform(stories[-n_test:])
+    for label in ("theme", "topic", "style", "feature"):
+        y_fit, y_test = [r[label] for r in rows[:n_fit]], [r[label] for r in rows[-n_test:]]
+        clf = LogisticRegression(max_iter=300).fit(x_fit, y_fit)
+        out[f"bow_{label}_accuracy"] = float((clf.predict(x_test) == y_test).mean())
+        out[f"bow_{label}_majority"] = max(y_test.count(v) for v in set(y_test)) / len(y_test)
+    return out
+
+
+def format_data(out: dict) -> str:
+    lines = [f"embedded corpus, {out['stories']:,} stories",
+             f"  generation               {out['synth_stories_per_s']:>10,.0f} stories/s (one core)",
+             f"  tokenizer                {out['tokenizer_vocab']:>10,} entries (asked {4096:,}); [UNK] rate on 10,000 "
+             f"unseen stories {out['unk_rate_unseen']:.2e}",
+             f"  tokens                   {out['tokens']:>10,} ({out['tokens_per_story']:.0f} per story, [EOS] included)",
+             f"  tokenize + cache         {out['tokenize_tok_s']:>10,.0f} tokens/s = {out['tokenize_vs_direct']:.2f}x "
+             f"tokenizers' encode_batch + .ids ({torch.get_num_threads()} cores)"]
+    for label in ("theme", "topic", "style", "feature"):
+        lines.append(f"  bag-of-words -> {label:<8} {out[f'bow_{label}_accuracy']:>10.1%} accuracy "
+                     f"(majority class {out[f'bow_{label}_majority']:.1%})")
+    return "\n".join(lines)

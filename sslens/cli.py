@@ -35,16 +35,21 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import as_json, bench_model, format_rows
+    from .bench import as_json, bench_data, bench_model, format_data, format_rows
 
     _no_extra(overrides)
     torch.manual_seed(0)
-    rows = bench_model(args.preset, args.batch, args.seq, args.reps)
-    print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
-                            f"{torch.get_num_threads()} threads, median of {args.reps} interleaved runs"))
+    if args.suite == "data":
+        result = bench_data(args.stories)
+        print(format_data(result))
+    else:
+        rows = bench_model(args.preset, args.batch, args.seq, args.reps)
+        result = as_json(rows)
+        print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
+                                f"{torch.get_num_threads()} threads, median of {args.reps} interleaved runs"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(as_json(rows), f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 def cmd_data_synth(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -81,7 +86,10 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--export", metavar="DIR", help="write an HF LlamaForCausalLM directory")
     m.set_defaults(run=cmd_model)
-    b = sub.add_parser("bench", help="speed vs HF LlamaForCausalLM and TransformerBridge, as ratios")
+    b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
+                                     "data: the embedded corpus and token pipeline")
+    b.add_argument("--suite", choices=["model", "data"], default="model")
+    b.add_argument("--stories", type=int, default=100_000, help="data suite: corpus size")
     b.add_argument("--preset", default="5M")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--seq", type=int, default=512)

@@ -8,6 +8,7 @@ exactly once. No token is dropped ([UNK] included) and [EOS] appears only betwee
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 from pathlib import Path
@@ -161,9 +162,8 @@ def tokenize(stories: datasets.Dataset, tok: tokenizers.Tokenizer, cache_dir: st
         try:
             with open(tmp, "wb") as f:
                 for start in range(0, len(stories), chunk_size):
-                    texts = stories[start:start + chunk_size]["story"]
-                    for ids in encode_batch(tok, texts, eos=True):
-                        np.asarray(ids, dtype=np.uint16).tofile(f)
+                    ids = encode_batch(tok, stories[start:start + chunk_size]["story"], eos=True)
+                    np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16).tofile(f)
             atomic_replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

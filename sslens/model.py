@@ -205,6 +205,18 @@ class HookedLlama(HookedRootModule):
         self.ln_final = RMSNorm(cfg)
         self.setup()
 
+    @property
+    def tokenizer(self) -> tokenizers.Tokenizer | None:
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok: tokenizers.Tokenizer | None) -> None:
+        """A tokenizer may have fewer entries than d_vocab (SimpleStories' 4019 with a 4096 model), never more."""
+        if tok is not None and tok.get_vocab_size() > self.cfg.d_vocab:
+            raise SSLensError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's d_vocab is "
+                              f"{self.cfg.d_vocab}; train the tokenizer with --vocab-size {self.cfg.d_vocab} or raise d_vocab")
+        self._tokenizer = tok
+
     @classmethod
     def from_preset(cls, name: str | Path, seed: int = 0, **overrides) -> HookedLlama:
         """A freshly initialised model from a preset name ("5M") or YAML path."""

@@ -120,3 +120,18 @@ def test_batches_cover_each_window_once_per_epoch_and_resume():
     assert not all((a == b).all() for a, b in zip([next(Batches(tokens, 8, 5, 0))[0]], [next(other_seed)[0]]))
     with pytest.raises(SSLensError, match="fewer than one window"):
         Batches(np.arange(5, dtype=np.uint16), n_ctx=8, batch_size=1)
+
+
+def test_interrupted_tokenization_leaves_nothing(tmp_path, tok, monkeypatch):
+    calls = []
+
+    def fail_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return encode_batch(*args, **kwargs)
+
+    monkeypatch.setattr("sslens.data.encode_batch", fail_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize(load_stories_from(tmp_path, STORIES), tok, cache_dir=tmp_path / "c", chunk_size=10)
+    assert list((tmp_path / "c").iterdir()) == []

@@ -191,3 +191,13 @@ def test_bfloat16_runs_with_norms_in_float32(small_model):
 def test_too_long_input_is_refused(small_model):
     with pytest.raises(SSLensError, match="exceed the context of 512"):
         small_model(random_tokens(1, 513))
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused():
+    from sslens.tokenizer import placeholder_tokenizer
+
+    model = HookedLlama.from_preset("1.25M", d_vocab=1000)
+    model.tokenizer = placeholder_tokenizer(1000)
+    with pytest.raises(SSLensError, match="the tokenizer has 4096 tokens but the model's d_vocab is 1000"):
+        model.tokenizer = placeholder_tokenizer(4096)
+    assert model.tokenizer.get_vocab_size() == 1000

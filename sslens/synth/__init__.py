@@ -27,7 +27,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
+
+from ..errors import SSLensError
+from ..fileio import atomic_replace
 
 MODEL = "sslens-synth"
 LABEL_COLUMNS = ["topic", "theme", "style", "feature", "grammar", "persona", "initial_word_type", "initial_letter"]
@@ -362,16 +367,13 @@ def generate(n: int, seed: int = 0, start: int = 0) -> list[dict]:
 
 def write_parquet(path: str | Path, n: int, seed: int = 0, start: int = 0) -> Path:
     """Stories start .. start + n - 1 as a parquet file in the SimpleStories schema, written atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    if not Path(path).parent.is_dir():
+        raise SSLensError(f"output directory {Path(path).parent} does not exist")
+    return write_rows(path, generate(n, seed, start))
 
-    from ..errors import SSLensError
-    from ..fileio import atomic_replace
 
+def write_rows(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
-    if not path.parent.is_dir():
-        raise SSLensError(f"output directory {path.parent} does not exist")
-    rows = generate(n, seed, start)
     table = pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema())
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -389,9 +391,7 @@ def version() -> str:
     return h.hexdigest()
 
 
-def schema():
-    import pyarrow as pa
-
+def schema() -> pa.Schema:
     ints = {"word_count", "character_count", "num_paragraphs", "num_stories_in_completion", "expected_num_stories_in_completion"}
     floats = {"avg_word_length", "avg_sentence_length", "flesch_reading_ease", "flesch_kincaid_grade", "dale_chall_readability_score"}
     return pa.schema([(c, pa.int64() if c in ints else pa.float64() if c in floats else pa.string()) for c in COLUMNS])
