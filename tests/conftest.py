@@ -1,7 +1,9 @@
 import os
+import tempfile
 
 # No test may reach the network: the hub clients read these when first imported, so set them before sslens.
 os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["SSLENS_CACHE"] = tempfile.mkdtemp(prefix="sslens-test-cache-")  # never the user's ~/.cache
 
 from pathlib import Path  # noqa: E402
 
