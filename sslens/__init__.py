@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 _EXPORTS = {
     "HookedLlama": "model", "ModelConfig": "config", "load_config": "config", "preset_names": "config",
-    "load_model": "hf", "ConfigError": "errors", "SSLensError": "errors",
+    "load_model": "checkpoint", "ConfigError": "errors", "SSLensError": "errors",
 }
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from .config import ModelConfig, load_config, preset_names
     from .errors import ConfigError, SSLensError
-    from .hf import load_model
+    from .checkpoint import load_model
     from .model import HookedLlama
 
 

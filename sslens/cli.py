@@ -52,6 +52,27 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
             json.dump(result, f, indent=2)
 
 
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .config import load_train_config
+    from .train import train
+
+    model_cfg, cfg = load_train_config(args.config, **parse_overrides(overrides))
+    run_dir = train(model_cfg, cfg)
+    print(f"finished {cfg.max_steps} steps; checkpoints in {run_dir / 'checkpoints'}")
+
+
+def train_keys_help() -> str:
+    import dataclasses
+
+    from .config import ModelConfig, TrainConfig, settable_fields
+
+    lines = ["training keys (--key=value; defaults in brackets):"]
+    lines += [f"  {f.name:<20} {f.metadata['help']} [{f.default!r}]" for f in dataclasses.fields(TrainConfig)]
+    lines += ["", "model keys (the preset's values unless overridden): "
+              + ", ".join(f.name for f in settable_fields(ModelConfig))]
+    return "\n".join(lines)
+
+
 def cmd_data_synth(args: argparse.Namespace, overrides: list[str]) -> None:
     from .synth import write_parquet
 
@@ -86,6 +107,12 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--export", metavar="DIR", help="write an HF LlamaForCausalLM directory")
     m.set_defaults(run=cmd_model)
+    tr = sub.add_parser("train", help="train a model: sslens train CONFIG [--key=value ...]",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=train_keys_help(),
+                        description="Train from a preset or YAML; every config key can be overridden as --key=value, "
+                                    "e.g. sslens train 5M --data=synth --max_steps=200 --compile=False.")
+    tr.add_argument("config", help=f"preset ({', '.join(preset_names())}) or YAML path")
+    tr.set_defaults(run=cmd_train)
     b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
                                      "data: the embedded corpus and token pipeline")
     b.add_argument("--suite", choices=["model", "data"], default="model")

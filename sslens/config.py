@@ -47,8 +47,7 @@ class ModelConfig:
     original_architecture: str = field(init=False, default="LlamaForCausalLM")
 
     def __post_init__(self) -> None:
-        for f in settable_fields():
-            setattr(self, f.name, coerce(f.name, f.type, getattr(self, f.name)))
+        _coerce_fields(self)
         for name in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_mlp", "d_vocab", "n_ctx"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -69,21 +68,85 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in settable_fields()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-        missing = [f.name for f in settable_fields() if f.default is dataclasses.MISSING and f.name not in values]
-        if missing:
-            raise ConfigError(f"missing config key {missing[0]!r}")
-        return cls(**values)
+        return _from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in settable_fields()}
 
 
-def settable_fields() -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(ModelConfig) if f.init]
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Keys share one namespace with ModelConfig: a YAML file or `--key=value` may set any of both."""
+
+    data: str = _help("SimpleStories/SimpleStories from the hub; synth or synth:N (the embedded corpus, offline); "
+                      "or a local .parquet/.jsonl/.json/.txt file or directory", "SimpleStories/SimpleStories")
+    tokenizer: str = _help("a tokenizer.json; empty: train the SimpleStories recipe on the data", "")
+    out_dir: str = _help("the run directory; empty: runs/<model_name>", "")
+    seed: int = _help("seeds initialisation, data order and everything else", 0)
+    max_steps: int = _help("optimizer steps", 2000)
+    batch_size: int = _help("sequences per forward pass", 32)
+    total_batch_size: int = _help("tokens per optimizer step (gradient accumulation); 0: batch_size x n_ctx", 0)
+    lr: float = _help("peak learning rate", 1e-3)
+    min_lr_ratio: float = _help("the cosine schedule ends at min_lr_ratio x lr", 0.1)
+    warmup_steps: int = _help("linear warmup steps", 100)
+    weight_decay: float = _help("AdamW weight decay on 2-D weights (not on norms)", 0.1)
+    beta1: float = _help("AdamW beta1", 0.9)
+    beta2: float = _help("AdamW beta2", 0.95)
+    grad_clip: float = _help("clip the gradient norm to this; 0: no clipping", 1.0)
+    dtype: str = _help("auto (bfloat16 autocast where the hardware has fast bf16, else float32), bfloat16 or float32",
+                       "auto")
+    compile: bool = _help("torch.compile the model", False)
+    val_every: int = _help("validation loss every this many steps (and at the end)", 100)
+    val_batches: int = _help("batches of held-out data per validation", 8)
+    log_every: int = _help("a metrics.jsonl line every this many steps", 10)
+    checkpoint_schedule: str = _help("log (0, powers of two to 1024, then every checkpoint_every), linear, or a "
+                                     "list like 0,50,100", "log")
+    checkpoint_every: int = _help("checkpoint spacing after 1024 (log) or throughout (linear)", 1000)
+    resume: bool = _help("continue the run in out_dir from its newest complete checkpoint", False)
+
+    def __post_init__(self) -> None:
+        _coerce_fields(self)
+        for name in ("max_steps", "batch_size", "val_every", "val_batches", "log_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("total_batch_size", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ConfigError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def settable_fields(cls: type = ModelConfig) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _coerce_fields(config: Any) -> None:
+    for f in settable_fields(type(config)):
+        setattr(config, f.name, coerce(f.name, f.type, getattr(config, f.name)))
+
+
+def _from_dict(cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name for f in settable_fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
+    missing = [f.name for f in settable_fields(cls) if f.default is dataclasses.MISSING and f.name not in values]
+    if missing:
+        raise ConfigError(f"missing config key {missing[0]!r}")
+    return cls(**values)
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -115,6 +178,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out = {}
     for item in items:
         key, sep, raw = item.removeprefix("--").partition("=")
+        if not sep and item.startswith("--") and key:  # a bare flag: --resume
+            out[key] = True
+            continue
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value")
         try:
@@ -125,7 +191,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
-    """Load a preset name (``"5M"``) or a YAML file, then apply overrides."""
+    """The model config of a preset name (``"5M"``) or a YAML file, after overrides (training keys ignored)."""
+    return load_train_config(name_or_path, **overrides)[0]
+
+
+def load_train_config(name_or_path: str | Path, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training configs from a preset name or YAML file, then `key=value` overrides of either."""
+    values = {**_read_config(name_or_path), **overrides}
+    model_keys, train_keys = {f.name for f in settable_fields()}, {f.name for f in settable_fields(TrainConfig)}
+    unknown = sorted(set(values) - model_keys - train_keys)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; see `sslens train --help` for the keys")
+    return (ModelConfig.from_dict({k: v for k, v in values.items() if k in model_keys}),
+            TrainConfig.from_dict({k: v for k, v in values.items() if k in train_keys}))
+
+
+def _read_config(name_or_path: str | Path) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -141,4 +222,4 @@ def load_config(name_or_path: str | Path, **overrides: Any) -> ModelConfig:
         raise ConfigError(f"{name_or_path}: malformed YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{name_or_path}: expected a mapping of config keys, got {type(values).__name__}")
-    return ModelConfig.from_dict({**values, **overrides})
+    return values

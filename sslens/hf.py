@@ -144,7 +144,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise SSLensError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def load_model(name_or_path: str | Path) -> HookedLlama:
+def load_hf_or_hub(name_or_path: str | Path) -> HookedLlama:
     """A HookedLlama from a local HF-format directory, or from the hub by name (e.g.
     "SimpleStories/SimpleStories-5M") when online."""
     path = Path(name_or_path)

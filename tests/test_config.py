@@ -57,8 +57,9 @@ def test_round_trip_and_yaml_file(tmp_path):
 
 def test_overrides_are_parsed_as_yaml():
     assert parse_overrides(["--n_layers=2", "eps=1e-5", "model_name=x"]) == {"n_layers": 2, "eps": "1e-5", "model_name": "x"}
+    assert parse_overrides(["--resume", "--compile=False"]) == {"resume": True, "compile": False}  # a bare flag is True
     with pytest.raises(ConfigError, match="key=value"):
-        parse_overrides(["--n_layers"])
+        parse_overrides(["n_layers"])
 
 
 @pytest.mark.parametrize("overrides, field", [

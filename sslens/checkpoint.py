@@ -1,0 +1,129 @@
+"""Run directories and checkpoints: the schedule, atomic save, loading models from runs, trainer state for resume.
+
+A run directory holds config.yaml, tokenizer.json, metrics.jsonl and checkpoints/step_{N:07d}/ with
+model.safetensors and trainer.pt. A checkpoint directory is written under a temporary name and renamed into place,
+so it is complete or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig, settable_fields
+from .errors import SSLensError
+from .fileio import atomic_write_text
+from .model import HookedLlama
+from .tokenizer import load_tokenizer
+
+_STEP_DIR = re.compile(r"step_(\d{7})")
+
+
+def checkpoint_steps(schedule: str | list[int], max_steps: int, every: int) -> set[int]:
+    """Steps to save. "log": 0 and every power of two up to 1024, then every `every` steps (Pythia-style);
+    "linear": every `every` steps from 0; or an explicit list. The last step is always saved."""
+    if isinstance(schedule, list) or re.fullmatch(r"[\d,\s]+", str(schedule)):
+        steps = {int(s) for s in (schedule if isinstance(schedule, list) else str(schedule).split(",")) if str(s).strip()}
+    elif schedule == "log":
+        steps = {0} | {2**k for k in range(11)} | set(range(every, max_steps + 1, every))
+    elif schedule == "linear":
+        steps = set(range(0, max_steps + 1, every))
+    else:
+        raise SSLensError(f"checkpoint_schedule must be log, linear or a list of steps like 0,100,200; got {schedule!r}")
+    return {s for s in steps if s <= max_steps} | {max_steps}
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+
+
+def saved_steps(run_dir: str | Path) -> list[int]:
+    """The steps of the run's complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir())
+
+
+def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state: dict) -> Path:
+    """Write step `step` atomically: files into a temporary directory, flushed, then one rename."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
+              metadata={"step": str(step)})
+    torch.save(trainer_state, tmp / "trainer.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving a step (a resumed run passing it again): replace the old copy
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def write_run_config(run_dir: Path, values: dict) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(values, sort_keys=False))
+
+
+def read_run_config(run_dir: Path) -> dict:
+    try:
+        values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SSLensError(f"{run_dir}/config.yaml is unreadable: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SSLensError(f"{run_dir}/config.yaml is not a mapping of config keys")
+    return values
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None) -> HookedLlama:
+    """The model of a run's checkpoint: the newest, or `step`. The run's tokenizer is attached."""
+    run_dir = Path(run_dir)
+    steps = saved_steps(run_dir)
+    if not steps:
+        raise SSLensError(f"{run_dir} has no checkpoints yet")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise SSLensError(f"{run_dir} has no checkpoint at step {step}; saved steps: {steps[0]} .. {steps[-1]} ({len(steps)})")
+    values = read_run_config(run_dir)
+    model = HookedLlama(ModelConfig.from_dict({f.name: values[f.name] for f in settable_fields() if f.name in values}))
+    path = checkpoint_dir(run_dir, step) / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(path))
+    except Exception as e:
+        raise SSLensError(f"{path} is unreadable or from another config ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:160]})") from None
+    if (run_dir / "tokenizer.json").is_file():
+        model.tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    return model.eval()
+
+
+def load_trainer_state(run_dir: Path, step: int) -> dict:
+    path = checkpoint_dir(run_dir, step) / "trainer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SSLensError(f"{path} is unreadable ({type(e).__name__}); it is refused, not executed") from None
+
+
+def load_model(path: str | Path, step: int | None = None) -> HookedLlama:
+    """A HookedLlama from a run directory (newest checkpoint, or `step`), a checkpoint directory, a local
+    HF-format Llama directory, or an HF hub name when online (e.g. "SimpleStories/SimpleStories-5M")."""
+    from .hf import load_hf_or_hub
+
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return load_run_model(path, step)
+    if (m := _STEP_DIR.fullmatch(path.name)) and (path.parent.parent / "config.yaml").is_file():
+        return load_run_model(path.parent.parent, int(m.group(1)))
+    if step is not None:
+        raise SSLensError(f"{path} is not a run directory, so it has no steps to choose from")
+    return load_hf_or_hub(path)

@@ -1,0 +1,180 @@
+"""`sslens train`: the training loop, leaving behind many checkpoints for studying training dynamics.
+
+One visible loop: data, forward, backward, clip, step, log, checkpoint. Resume is exact: weights, optimizer, data
+position and RNG come back from the newest complete checkpoint, and metrics.jsonl loses the lines after it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, save_checkpoint, saved_steps,
+                         write_run_config)
+from .config import ModelConfig, TrainConfig
+from .data import Batches, tokenize, train_val
+from .errors import SSLensError
+from .fileio import atomic_write_text
+from .model import HookedLlama
+from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine down to min_lr_ratio x lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast where the device has fast bf16 (CUDA with bf16 support), else none (float32)."""
+    if cfg.dtype == "float32":
+        return None
+    if cfg.dtype == "bfloat16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
+    run_dir = Path(cfg.out_dir or Path("runs") / model_cfg.model_name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SSLensError(f"out_dir {run_dir} is a file; choose a directory with --out_dir=DIR")
+    if saved_steps(run_dir) and not cfg.resume:
+        raise SSLensError(f"{run_dir} already holds a run; continue it with --resume or choose another --out_dir")
+    if cfg.resume and not saved_steps(run_dir):
+        raise SSLensError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    for partial in (run_dir / "checkpoints").glob(".tmp-*") if run_dir.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)  # a checkpoint whose writer was killed: never renamed, never used
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SSLensError(f"out_dir {run_dir} is not writable ({e.strerror})") from None
+    return run_dir
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -> Path:
+    """Train, checkpointing on the schedule, and return the run directory."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_dir = prepare_run_dir(cfg, model_cfg)
+    torch.manual_seed(cfg.seed)
+    train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
+    if cfg.resume or (run_dir / "tokenizer.json").is_file():
+        tok = load_tokenizer(run_dir / "tokenizer.json")
+    elif cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
+    save_tokenizer(tok, run_dir / "tokenizer.json")
+    write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
+
+    tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
+    accum = max(1, cfg.total_batch_size // tokens_per_micro)
+    if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
+        raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
+    batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
+    val = Batches(tokenize(val_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
+
+    model = HookedLlama(model_cfg, tok)
+    model.init_weights(cfg.seed)
+    model.to(device).train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  foreach=True)
+    step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
+    forward = torch.compile(model) if cfg.compile else model
+    amp = autocast_dtype(cfg, device)
+    schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
+    metrics_path = run_dir / "metrics.jsonl"
+    keep_metrics_until(metrics_path, step)
+
+    def checkpoint() -> None:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": batches.position,
+                 "torch_rng": torch.get_rng_state()}
+        save_checkpoint(run_dir, step, model, state)
+
+    if step == 0 and 0 in schedule:
+        checkpoint()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None)
+    with open(metrics_path, "a") as log:
+        while step < cfg.max_steps:
+            start = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss_sum = 0.0
+            for _ in range(accum):
+                x, y = (t.to(device) for t in next(batches))
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    logits = forward(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+                loss.backward()
+                loss_sum += loss.item()
+            if not math.isfinite(loss_sum):
+                last = max(s for s in saved_steps(run_dir))
+                raise SSLensError(f"the loss is {loss_sum} at step {step + 1}; training stopped. The newest good "
+                                  f"checkpoint is step {last}: lower --lr or check the data, then --resume")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "tokens": step * accum * tokens_per_micro, "loss": round(loss_sum, 6),
+                      "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 6),
+                      "tok_s": round(accum * tokens_per_micro / (time.perf_counter() - start))}
+            if step % cfg.val_every == 0 or step == cfg.max_steps:
+                record["val_loss"] = round(validation_loss(model, val, cfg.val_batches, device, amp), 6)
+            if step % cfg.log_every == 0 or "val_loss" in record or step in schedule:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if step in schedule:
+                checkpoint()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.2e}", tok_s=record["tok_s"])
+    bar.close()
+    return run_dir
+
+
+@torch.no_grad()
+def validation_loss(model: HookedLlama, val: Batches, n_batches: int, device: torch.device, amp: torch.dtype | None) -> float:
+    """Mean loss over the first n_batches windows of the held-out stream (always the same windows)."""
+    model.eval()
+    windows = min(val.n_windows, n_batches * val.batch_size)
+    losses = []
+    for start in range(0, windows, val.batch_size):
+        rows = torch.stack([torch.from_numpy(val.window(i).astype("int64")) for i in range(start, min(windows, start + val.batch_size))])
+        rows = rows.to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(rows[:, :-1])
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="sum").item())
+    model.train()
+    return sum(losses) / (windows * val.n_ctx)
+
+
+def resume(run_dir: Path, model: HookedLlama, optimizer: torch.optim.Optimizer, batches: Batches) -> int:
+    """Restore the newest complete checkpoint; returns its step."""
+    step = saved_steps(run_dir)[-1]
+    model.load_state_dict(load_run_model(run_dir, step).state_dict())
+    state = load_trainer_state(run_dir, step)
+    optimizer.load_state_dict(state["optimizer"])
+    batches.position = state["data_position"]
+    torch.set_rng_state(state["torch_rng"])
+    return step
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics lines after `step` (written by a run that died before its next checkpoint)."""
+    if path.exists():
+        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+        atomic_write_text(path, "".join(l + "\n" for l in lines))

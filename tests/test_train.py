@@ -1,0 +1,108 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sslens import SSLensError, load_model
+from sslens.checkpoint import checkpoint_steps, saved_steps
+from sslens.config import load_train_config
+from sslens.train import lr_at, train
+
+TINY = ["--n_layers=2", "--d_model=64", "--n_heads=4", "--d_mlp=170", "--n_ctx=32", "--batch_size=4",
+        "--warmup_steps=3", "--val_every=10", "--log_every=1", "--data=synth:400", "--dtype=float32"]
+
+
+def tiny(tmp_path, *extra, name="run"):
+    from sslens.config import parse_overrides
+
+    return load_train_config("1.25M", **parse_overrides([*TINY, f"--out_dir={tmp_path / name}", *extra]))
+
+
+def metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_checkpoint_schedules():
+    assert checkpoint_steps("log", 3000, 1000) == {0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1000, 2000, 3000}
+    assert checkpoint_steps("log", 20, 1000) == {0, 1, 2, 4, 8, 16, 20}
+    assert checkpoint_steps("linear", 250, 100) == {0, 100, 200, 250}
+    assert checkpoint_steps("0,5, 7", 10, 100) == {0, 5, 7, 10}
+    with pytest.raises(SSLensError, match="checkpoint_schedule"):
+        checkpoint_steps("often", 10, 100)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    _, cfg = load_train_config("1.25M", lr=1e-3, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4) and lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(0.55e-3) and lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_run_directory_and_loading(tmp_path):
+    run = train(*tiny(tmp_path, "--max_steps=12"))
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+    assert saved_steps(run) == [0, 1, 2, 4, 8, 12]
+    assert all((run / "checkpoints" / f"step_{s:07d}" / f).is_file() for s in saved_steps(run)
+               for f in ("model.safetensors", "trainer.pt"))
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["tokens"] == 12 * 4 * 32
+    assert {"loss", "lr", "grad_norm", "tok_s"} <= set(rows[0]) and "val_loss" in rows[9] and "val_loss" in rows[-1]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    newest, at4 = load_model(run), load_model(run, step=4)
+    weights12 = load_file(run / "checkpoints" / "step_0000012" / "model.safetensors")
+    assert all(torch.equal(v, weights12[k]) for k, v in newest.state_dict().items())
+    assert not torch.equal(newest.W_E, at4.W_E)
+    assert torch.equal(load_model(run / "checkpoints" / "step_0000004").W_E, at4.W_E)
+    assert newest.tokenizer is not None and newest.cfg.n_layers == 2
+    with pytest.raises(SSLensError, match="no checkpoint at step 3"):
+        load_model(run, step=3)
+
+
+def test_refusals(tmp_path):
+    train(*tiny(tmp_path, "--max_steps=2"))
+    with pytest.raises(SSLensError, match="already holds a run"):
+        train(*tiny(tmp_path, "--max_steps=2"))
+    with pytest.raises(SSLensError, match="no complete checkpoint"):
+        train(*tiny(tmp_path, "--max_steps=2", "--resume", name="empty"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SSLensError, match="is a file"):
+        train(*tiny(tmp_path, "--max_steps=2", name="file"))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(SSLensError, match=r"the loss is (nan|inf) at step \d+; training stopped. The newest good checkpoint is step"):
+        train(*tiny(tmp_path, "--max_steps=30", "--lr=1e12", "--warmup_steps=0", "--grad_clip=0"))
+    steps = saved_steps(tmp_path / "run")
+    assert steps and all(torch.isfinite(load_model(tmp_path / "run", step=s).W_E).all() for s in steps)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A real process killed mid-run, resumed: bitwise the same final weights, and no step lost or doubled.
+    Both runs get the same tokenizer file: `tokenizers` trains with process-seeded hash maps, so two trainings of
+    the same data can tie-break merges differently."""
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    args = [*TINY, "--max_steps=40", f"--tokenizer={tmp_path / 'tok.json'}"]
+    reference = train(*tiny(tmp_path, *args[len(TINY):], name="reference"))
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sslens.cli", "train", "1.25M", *args, f"--out_dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while 8 not in saved_steps(run) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = saved_steps(run)[-1]
+    assert 8 <= killed_at < 40, "the run finished before it could be killed"
+    r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    final, expected = load_model(run), load_model(reference)
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
+    assert [m["step"] for m in metrics(run)] == list(range(1, 41))
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
