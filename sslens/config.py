@@ -107,6 +107,7 @@ class TrainConfig:
                                      "list like 0,50,100", "log")
     checkpoint_every: int = _help("checkpoint spacing after 1024 (log) or throughout (linear)", 1000)
     resume: bool = _help("continue the run in out_dir from its newest complete checkpoint", False)
+    wandb_project: str = _help("also log to this Weights & Biases project (key from WANDB_API_KEY or a .env file)", "")
 
     def __post_init__(self) -> None:
         _coerce_fields(self)

@@ -108,6 +108,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
 
     if step == 0 and 0 in schedule:
         checkpoint()
+    wandb_run = start_wandb(run_dir, cfg, model_cfg) if cfg.wandb_project else None
     bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None)
     with open(metrics_path, "a") as log:
         while step < cfg.max_steps:
@@ -138,12 +139,33 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             if step % cfg.log_every == 0 or "val_loss" in record or step in schedule:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if wandb_run is not None:
+                    wandb_run.log(record, step=step)
             if step in schedule:
                 checkpoint()
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.2e}", tok_s=record["tok_s"])
     bar.close()
+    if wandb_run is not None:
+        wandb_run.finish()
     return run_dir
+
+
+def start_wandb(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig):
+    """A W&B run that a resumed training continues (its id is kept in the run directory)."""
+    import wandb
+
+    env = Path(".env")
+    if "WANDB_API_KEY" not in os.environ and env.is_file():
+        for line in env.read_text().splitlines():
+            key, _, value = line.strip().partition("=")
+            if key == "WANDB_API_KEY":
+                os.environ["WANDB_API_KEY"] = value.strip().strip("'\"")
+    id_file = run_dir / "wandb_id"
+    if not id_file.is_file():
+        atomic_write_text(id_file, wandb.util.generate_id())
+    return wandb.init(project=cfg.wandb_project, name=run_dir.name, id=id_file.read_text().strip(), resume="allow",
+                      dir=str(run_dir), config=model_cfg.to_dict() | cfg.to_dict())
 
 
 @torch.no_grad()

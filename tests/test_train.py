@@ -106,3 +106,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
     assert [m["step"] for m in metrics(run)] == list(range(1, 41))
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
+
+
+def test_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train(*tiny(tmp_path, "--max_steps=3", "--wandb_project=sslens-test"))
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].name.endswith((run / "wandb_id").read_text().strip())
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]  # the local log is written as well
