@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -163,7 +164,7 @@ def start_wandb(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig):
                 os.environ["WANDB_API_KEY"] = value.strip().strip("'\"")
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
-        atomic_write_text(id_file, wandb.util.generate_id())
+        atomic_write_text(id_file, secrets.token_hex(4))
     return wandb.init(project=cfg.wandb_project, name=run_dir.name, id=id_file.read_text().strip(), resume="allow",
                       dir=str(run_dir), config=model_cfg.to_dict() | cfg.to_dict())
 
