@@ -35,7 +35,7 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import as_json, bench_data, bench_model, format_data, format_rows
+    from .bench import as_json, bench_data, bench_model, bench_train, format_data, format_rows
 
     _no_extra(overrides)
     torch.manual_seed(0)
@@ -44,6 +44,8 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
         print(format_data(result))
     else:
         rows = bench_model(args.preset, args.batch, args.seq, args.reps)
+        rows += bench_train(("1.25M", args.preset) if args.preset != "1.25M" else ("1.25M",), args.batch, args.seq,
+                            max(2, args.reps // 2))
         result = as_json(rows)
         print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
                                 f"{torch.get_num_threads()} threads, median of {args.reps} interleaved runs"))

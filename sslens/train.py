@@ -24,6 +24,7 @@ from .config import ModelConfig, TrainConfig
 from .data import Batches, tokenize, train_val
 from .errors import SSLensError
 from .fileio import atomic_write_text
+from .flops import flops_per_token, peak_flops
 from .model import HookedLlama
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -110,6 +111,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     if step == 0 and 0 in schedule:
         checkpoint()
     wandb_run = start_wandb(run_dir, cfg, model_cfg) if cfg.wandb_project else None
+    step_flops = flops_per_token(model_cfg) * accum * tokens_per_micro
+    peak = peak_flops(str(device), amp or torch.float32)
     bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None)
     with open(metrics_path, "a") as log:
         while step < cfg.max_steps:
@@ -132,9 +135,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            seconds = time.perf_counter() - start
             record = {"step": step, "tokens": step * accum * tokens_per_micro, "loss": round(loss_sum, 6),
                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 6),
-                      "tok_s": round(accum * tokens_per_micro / (time.perf_counter() - start))}
+                      "tok_s": round(accum * tokens_per_micro / seconds), "mfu": round(step_flops / seconds / peak, 4)}
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 record["val_loss"] = round(validation_loss(model, val, cfg.val_batches, device, amp), 6)
             if step % cfg.log_every == 0 or "val_loss" in record or step in schedule:
@@ -145,7 +149,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             if step in schedule:
                 checkpoint()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.2e}", tok_s=record["tok_s"])
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{record['lr']:.2e}", tok_s=record["tok_s"], mfu=f"{record['mfu']:.1%}")
     bar.close()
     if wandb_run is not None:
         wandb_run.finish()

@@ -115,3 +115,19 @@ def test_wandb_offline(tmp_path, monkeypatch):
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and offline[0].name.endswith((run / "wandb_id").read_text().strip())
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]  # the local log is written as well
+
+
+@pytest.mark.parametrize("preset", ["1.25M", "5M"])
+def test_flops_per_token_matches_torch_flop_counter(preset):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sslens import HookedLlama
+    from sslens.flops import flops_per_token
+
+    model = HookedLlama.from_preset(preset).eval()
+    tokens = torch.randint(0, 4096, (1, model.cfg.n_ctx))
+    # hooking the pattern forces the explicit attention matmuls, which the counter sees (it has no formula for
+    # the CPU flash-attention kernel)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), lambda t, hook: None)])
+    assert flops_per_token(model.cfg, training=False) == pytest.approx(counter.get_total_flops() / model.cfg.n_ctx, rel=0.01)
