@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, save_checkpoint, saved_steps,
-                         write_run_config)
+from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, read_run_config, save_checkpoint,
+                         saved_steps, write_run_config)
 from .config import ModelConfig, TrainConfig
 from .data import Batches, tokenize, train_val
 from .errors import SSLensError
@@ -70,6 +70,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     """Train, checkpointing on the schedule, and return the run directory."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = prepare_run_dir(cfg, model_cfg)
+    if cfg.resume:
+        saved = read_run_config(run_dir)
+        changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
+        if changed:
+            raise SSLensError(f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
+                              f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
     torch.manual_seed(cfg.seed)
     train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
     if cfg.resume or (run_dir / "tokenizer.json").is_file():
@@ -128,9 +134,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                 loss.backward()
                 loss_sum += loss.item()
             if not math.isfinite(loss_sum):
-                last = max(s for s in saved_steps(run_dir))
+                kept = saved_steps(run_dir)
                 raise SSLensError(f"the loss is {loss_sum} at step {step + 1}; training stopped. The newest good "
-                                  f"checkpoint is step {last}: lower --lr or check the data, then --resume")
+                                  + (f"checkpoint is step {kept[-1]}" if kept else "state is the initialisation (no checkpoint yet)")
+                                  + ": lower --lr or check the data, then --resume")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

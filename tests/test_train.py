@@ -68,6 +68,8 @@ def test_refusals(tmp_path):
         train(*tiny(tmp_path, "--max_steps=2"))
     with pytest.raises(SSLensError, match="no complete checkpoint"):
         train(*tiny(tmp_path, "--max_steps=2", "--resume", name="empty"))
+    with pytest.raises(SSLensError, match="--resume: n_layers is 2 in .*config.yaml, not 3; a run keeps its model"):
+        train(*tiny(tmp_path, "--max_steps=4", "--resume", "--n_layers=3"))
     (tmp_path / "file").write_text("")
     with pytest.raises(SSLensError, match="is a file"):
         train(*tiny(tmp_path, "--max_steps=2", name="file"))
