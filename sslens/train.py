@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, read_run_config, save_checkpoint,
@@ -66,10 +68,24 @@ def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     return run_dir
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size). Under torchrun, joins the process group: gloo on CPU, nccl on GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
 def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -> Path:
-    """Train, checkpointing on the schedule, and return the run directory."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_dir = prepare_run_dir(cfg, model_cfg)
+    """Train, checkpointing on the schedule, and return the run directory. Under torchrun every rank takes its
+    slice of each global batch (batch_size per rank); rank 0 alone writes the tokenizer, checkpoints and logs."""
+    rank, world = distributed()
+    main = rank == 0
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    run_dir = prepare_run_dir(cfg, model_cfg) if main else Path(cfg.out_dir or Path("runs") / model_cfg.model_name)
+    _barrier(world)
     if cfg.resume:
         saved = read_run_config(run_dir)
         changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
@@ -78,20 +94,25 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                               f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
     torch.manual_seed(cfg.seed)
     train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
-    if cfg.resume or (run_dir / "tokenizer.json").is_file():
-        tok = load_tokenizer(run_dir / "tokenizer.json")
-    elif cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    else:
-        tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
-    save_tokenizer(tok, run_dir / "tokenizer.json")
-    write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
+    if main:
+        if cfg.resume or (run_dir / "tokenizer.json").is_file():
+            tok = load_tokenizer(run_dir / "tokenizer.json")
+        elif cfg.tokenizer:
+            tok = load_tokenizer(cfg.tokenizer)
+        else:
+            tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
+        save_tokenizer(tok, run_dir / "tokenizer.json")
+        write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
+        tokenize(train_stories, tok), tokenize(val_stories, tok)  # fill the cache once, for every rank
+    _barrier(world)
+    tok = load_tokenizer(run_dir / "tokenizer.json")
 
     tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
     accum = max(1, cfg.total_batch_size // tokens_per_micro)
     if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
         raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
-    batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
+    batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
+    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of each global batch
     val = Batches(tokenize(val_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
 
     model = HookedLlama(model_cfg, tok)
@@ -104,35 +125,40 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                                   foreach=True)
     step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
     forward = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast_dtype(cfg, device)
     schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
     metrics_path = run_dir / "metrics.jsonl"
-    keep_metrics_until(metrics_path, step)
+    if main:
+        keep_metrics_until(metrics_path, step)
 
     def checkpoint() -> None:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": batches.position,
-                 "torch_rng": torch.get_rng_state()}
-        save_checkpoint(run_dir, step, model, state)
+        if main:
+            state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": batches.position,
+                     "torch_rng": torch.get_rng_state()}
+            save_checkpoint(run_dir, step, model, state)
+        _barrier(world)
 
     if step == 0 and 0 in schedule:
         checkpoint()
-    wandb_run = start_wandb(run_dir, cfg, model_cfg) if cfg.wandb_project else None
-    step_flops = flops_per_token(model_cfg) * accum * tokens_per_micro
-    peak = peak_flops(str(device), amp or torch.float32)
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None)
-    with open(metrics_path, "a") as log:
+    wandb_run = start_wandb(run_dir, cfg, model_cfg) if cfg.wandb_project and main else None
+    step_flops = flops_per_token(model_cfg) * accum * tokens_per_micro * world
+    peak = peak_flops(str(device), amp or torch.float32) * world
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None if main else True)
+    with open(metrics_path, "a") if main else open(os.devnull, "w") as log:
         while step < cfg.max_steps:
             start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             loss_sum = 0.0
             for _ in range(accum):
-                x, y = (t.to(device) for t in next(batches))
+                x, y = (t[rows].to(device) for t in next(batches))
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = forward(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
                 loss.backward()
-                loss_sum += loss.item()
+                loss_sum += _mean_over_ranks(loss.detach(), world)
             if not math.isfinite(loss_sum):
                 kept = saved_steps(run_dir)
                 raise SSLensError(f"the loss is {loss_sum} at step {step + 1}; training stopped. The newest good "
@@ -143,9 +169,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             optimizer.zero_grad(set_to_none=True)
             step += 1
             seconds = time.perf_counter() - start
-            record = {"step": step, "tokens": step * accum * tokens_per_micro, "loss": round(loss_sum, 6),
+            record = {"step": step, "tokens": step * accum * tokens_per_micro * world, "loss": round(loss_sum, 6),
                       "lr": optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 6),
-                      "tok_s": round(accum * tokens_per_micro / seconds), "mfu": round(step_flops / seconds / peak, 4)}
+                      "tok_s": round(accum * tokens_per_micro * world / seconds), "mfu": round(step_flops / seconds / peak, 4)}
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 record["val_loss"] = round(validation_loss(model, val, cfg.val_batches, device, amp), 6)
             if step % cfg.log_every == 0 or "val_loss" in record or step in schedule:
@@ -160,7 +186,21 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     bar.close()
     if wandb_run is not None:
         wandb_run.finish()
+    if world > 1:
+        dist.destroy_process_group()
     return run_dir
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / world
+    return value.item()
 
 
 def start_wandb(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig):

@@ -133,3 +133,29 @@ def test_flops_per_token_matches_torch_flop_counter(preset):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), lambda t, hook: None)])
     assert flops_per_token(model.cfg, training=False) == pytest.approx(counter.get_total_flops() / model.cfg.n_ctx, rel=0.01)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo) x batch 2 against 1 process x batch 4: the same losses, step by step."""
+    import os
+    import socket
+
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    common = [*TINY, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}"]
+    single = train(*tiny(tmp_path, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}", "--batch_size=4", name="single"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                        f"--master-port={port}", "-m", "sslens", "train", "1.25M", *common, "--batch_size=2",
+                        f"--out_dir={tmp_path / 'ddp'}"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp, ref = metrics(tmp_path / "ddp"), metrics(single)
+    assert [m["step"] for m in ddp] == [m["step"] for m in ref] and ddp[-1]["tokens"] == ref[-1]["tokens"]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp, ref)) <= 1e-5
+    assert saved_steps(tmp_path / "ddp") == saved_steps(single)
