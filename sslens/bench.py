@@ -139,7 +139,7 @@ def bench_data(n_stories: int = 100_000, vocab_size: int = 4096) -> dict:
     unseen = [r["story"] for r in synth.generate(10_000, seed=1)]
 
     tok = train_tokenizer(stories, vocab_size)
-    out["tokenizer_vocab"] = tok.get_vocab_size()
+    out["tokenizer_vocab"], out["tokenizer_asked"] = tok.get_vocab_size(), vocab_size
     unseen_ids = [i for ids in encode_batch(tok, unseen, eos=False) for i in ids]
     out["unk_rate_unseen"] = unseen_ids.count(0) / len(unseen_ids)
 
@@ -174,7 +174,7 @@ def bench_data(n_stories: int = 100_000, vocab_size: int = 4096) -> dict:
 def format_data(out: dict) -> str:
     lines = [f"embedded corpus, {out['stories']:,} stories",
              f"  generation               {out['synth_stories_per_s']:>10,.0f} stories/s (one core)",
-             f"  tokenizer                {out['tokenizer_vocab']:>10,} entries (asked {4096:,}); [UNK] rate on 10,000 "
+             f"  tokenizer                {out['tokenizer_vocab']:>10,} entries (asked {out['tokenizer_asked']:,}); [UNK] rate on 10,000 "
              f"unseen stories {out['unk_rate_unseen']:.2e}",
              f"  tokens                   {out['tokens']:>10,} ({out['tokens_per_story']:.0f} per story, [EOS] included)",
              f"  tokenize + cache         {out['tokenize_tok_s']:>10,.0f} tokens/s = {out['tokenize_vs_direct']:.2f}x "
