@@ -35,7 +35,7 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import as_json, bench_data, bench_model, bench_train, format_data, format_rows
+    from .bench import as_json, bench_data, bench_generate, bench_model, bench_train, format_data, format_rows
 
     _no_extra(overrides)
     torch.manual_seed(0)
@@ -44,6 +44,7 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
         print(format_data(result))
     else:
         rows = bench_model(args.preset, args.batch, args.seq, args.reps)
+        rows += bench_generate(args.preset, reps=max(1, args.reps // 2))
         rows += bench_train(("1.25M", args.preset) if args.preset != "1.25M" else ("1.25M",), args.batch, args.seq,
                             max(2, args.reps // 2))
         result = as_json(rows)
@@ -52,6 +53,54 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
+    import torch
+
+    from .checkpoint import load_model
+    from .generate import check_settings
+
+    _no_extra(overrides)
+    check_settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    model = load_model(args.model, step=args.step)
+    if model.tokenizer is None:
+        raise SSLensError(f"{args.model} has no tokenizer.json, so it cannot read a prompt")
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if args.prompt is None:
+        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+        return interactive(model, settings, generator)
+    samples = model.generate(args.prompt, seed=args.seed, num_samples=args.num_samples, **settings)
+    if args.json:
+        tok = model.tokenizer
+        print(json.dumps([{"prompt": args.prompt, "prompt_tokens": s.prompt_tokens, "tokens": s.tokens,
+                           "token_strings": [tok.id_to_token(t) for t in s.tokens], "text": s.text,
+                           "logprobs": s.logprobs} for s in samples], indent=1))
+    else:
+        print("\n\n".join(args.prompt + s.text for s in samples))
+
+
+def interactive(model, settings: dict, generator) -> None:
+    """The seed's generate.py loop: read a prompt, stream its story, repeat. An empty line or Ctrl-D quits;
+    Ctrl-C stops the story being written (and quits at the prompt)."""
+    from .generate import stream_text
+
+    print("Type the start of a story. Empty line or Ctrl-D: quit; Ctrl-C: stop a story.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not prompt.strip():
+            return
+        print(prompt, end="", flush=True)
+        try:
+            for piece in stream_text(model, prompt, generator=generator, **settings):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [stopped]", end="")
+        print("\n")
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -115,6 +164,21 @@ def parser() -> argparse.ArgumentParser:
                                     "e.g. sslens train 5M --data=synth --max_steps=200 --compile=False.")
     tr.add_argument("config", help=f"preset ({', '.join(preset_names())}) or YAML path")
     tr.set_defaults(run=cmd_train)
+    g = sub.add_parser("generate", help="write stories: interactive, or continue --prompt and exit",
+                       description="Sample with a KV cache. Without --prompt: type a prompt, watch the story stream; an "
+                                   "empty line or Ctrl-D quits, Ctrl-C stops a story. Prompt + new tokens stay "
+                                   "within the model's context (n_ctx).")
+    g.add_argument("model", help="a run directory (newest checkpoint, or --step), a checkpoint directory, or an HF Llama directory")
+    g.add_argument("--prompt", help="continue this text, print and exit")
+    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top_k", type=int, help="sample among the k most likely tokens")
+    g.add_argument("--top_p", type=float, help="sample among the most likely tokens whose probability reaches p")
+    g.add_argument("--seed", type=int, help="the same seed gives the same stories")
+    g.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    g.add_argument("--num_samples", type=int, default=1, help="continuations of --prompt, sampled as one batch")
+    g.add_argument("--json", action="store_true", help="print tokens, text and per-token log-probs as JSON")
+    g.set_defaults(run=cmd_generate)
     b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
                                      "data: the embedded corpus and token pipeline")
     b.add_argument("--suite", choices=["model", "data"], default="model")

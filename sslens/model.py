@@ -7,6 +7,7 @@ h -> h // n_rep, SwiGLU, tied unembedding); hook names and weight views follow T
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +15,7 @@ import einops
 import tokenizers
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -51,18 +52,47 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Te
     return x * cos + rotated * sin
 
 
+class KVCache:
+    """Rotated keys and values of every position seen so far, preallocated to n_ctx for all layers.
+
+    Pass one to `forward` (as `past_kv_cache`, TransformerLens's name) to feed a sequence a piece at a time: each
+    call appends its tokens. Rows may be left-padded: `key_mask` is False at padding, and `next_position` is each
+    row's rotary position of its next token (its count of real tokens), so a padded row sees exactly what it
+    would see alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        shape = (cfg.n_layers, batch, cfg.n_key_value_heads, cfg.n_ctx, cfg.d_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch, cfg.n_ctx, device=device, dtype=torch.bool)
+        self.next_position = torch.zeros(batch, device=device, dtype=torch.long)
+        self.length = 0  # positions filled, padding included
+        self.padded = False
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs about the positions of one forward call, computed once per call."""
+
+    cos: Tensor  # [batch or 1, pos, 1, d_head]
+    sin: Tensor
+    mask: Bool[Tensor, "batch 1 q_pos k_pos"] | None  # None: plain causal (all keys when q_pos == 1)
+    start: int  # cached positions before this call
+    cache: KVCache | None
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer
         self.n_rep = cfg.n_heads // cfg.n_key_value_heads
         # Q, K and V in one matrix (rows: Q heads, then K heads, then V heads): one GEMM reads x once.
         self.qkv_sizes = [cfg.n_heads * cfg.d_head] + 2 * [cfg.n_key_value_heads * cfg.d_head]
         self.qkv_proj = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
-        cos, sin = rotary_tables(cfg)
-        self.register_buffer("rotary_cos", cos, persistent=False)
-        self.register_buffer("rotary_sin", sin, persistent=False)
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
         self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -98,39 +128,50 @@ class Attention(nn.Module):
         # Any hook (TransformerLens or plain torch) on scores or pattern needs them materialised.
         return any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
         batch, pos, _ = x.shape
         cfg = self.cfg
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = self.hook_q(q.view(batch, pos, cfg.n_heads, cfg.d_head))
         k = self.hook_k(k.view(batch, pos, cfg.n_key_value_heads, cfg.d_head))
         v = self.hook_v(v.view(batch, pos, cfg.n_key_value_heads, cfg.d_head))
-        cos = self.rotary_cos[:pos, None, :].to(q.dtype)
-        sin = self.rotary_sin[:pos, None, :].to(q.dtype)
+        cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
         q = self.hook_rot_q(apply_rotary(q, cos, sin)).transpose(1, 2)
         k = self.hook_rot_k(apply_rotary(k, cos, sin)).transpose(1, 2)
         v = v.transpose(1, 2)
+        if ctx.cache is not None:  # append this call's keys and values, attend over everything cached
+            end = ctx.start + pos
+            ctx.cache.keys[self.layer, :, :, ctx.start:end] = k
+            ctx.cache.values[self.layer, :, :, ctx.start:end] = v
+            k, v = ctx.cache.keys[self.layer, :, :, :end], ctx.cache.values[self.layer, :, :, :end]
         if self.pattern_needed():
-            z = self.explicit_attention(q, k, v)
+            z = self.explicit_attention(q, k, v, ctx.mask)
         else:
-            # The fused kernel never materialises the [q_pos, k_pos] pattern: the fast path for training
-            # and for caching anything but scores/pattern.
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_rep > 1)
+            # The fused kernel never materialises the [q_pos, k_pos] pattern: the fast path for training,
+            # generation and caching anything but scores/pattern.
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and pos > 1,
+                                               enable_gqa=self.n_rep > 1)
         z = self.hook_z(z.transpose(1, 2))
         return self.o_proj(z.reshape(batch, pos, cfg.n_heads * cfg.d_head))
 
-    def explicit_attention(self, q: Float[Tensor, "batch head pos d_head"], k: Float[Tensor, "batch kv_head pos d_head"],
-                           v: Float[Tensor, "batch kv_head pos d_head"]) -> Float[Tensor, "batch head pos d_head"]:
+    def explicit_attention(self, q: Float[Tensor, "batch head q_pos d_head"], k: Float[Tensor, "batch kv_head k_pos d_head"],
+                           v: Float[Tensor, "batch kv_head k_pos d_head"],
+                           mask: Bool[Tensor, "batch 1 q_pos k_pos"] | None) -> Float[Tensor, "batch head q_pos d_head"]:
         """Scores and pattern materialised for their hooks. The n_rep query heads that share a KV head are
-        stacked along the position axis, so one batched matmul serves them without copying K or V."""
-        batch, n_kv, pos, d_head = k.shape
-        rows = self.n_rep * pos
-        causal = torch.full((pos, pos), float("-inf"), device=q.device, dtype=q.dtype).triu(1).repeat(self.n_rep, 1)
-        scores = torch.baddbmm(causal, q.reshape(batch * n_kv, rows, d_head), k.reshape(batch * n_kv, pos, d_head).transpose(1, 2),
-                               alpha=1 / math.sqrt(d_head))
-        scores = self.hook_attn_scores(scores.view(batch, self.cfg.n_heads, pos, pos))
+        stacked along the query axis, so one batched matmul serves them without copying K or V."""
+        batch, n_kv, k_pos, d_head = k.shape
+        q_pos = q.shape[2]
+        if mask is None:  # causal; with q_pos == 1 the last query sees every key
+            bias = torch.full((q_pos, k_pos), float("-inf"), device=q.device, dtype=q.dtype).triu(k_pos - q_pos + 1)
+            bias = bias.repeat(self.n_rep, 1)
+        else:
+            bias = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+            bias = bias[:, None].expand(batch, n_kv, self.n_rep, q_pos, k_pos).reshape(batch * n_kv, -1, k_pos)
+        scores = torch.baddbmm(bias, q.reshape(batch * n_kv, self.n_rep * q_pos, d_head),
+                               k.reshape(batch * n_kv, k_pos, d_head).transpose(1, 2), alpha=1 / math.sqrt(d_head))
+        scores = self.hook_attn_scores(scores.view(batch, self.cfg.n_heads, q_pos, k_pos))
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
-        return (pattern.reshape(batch, n_kv, rows, pos) @ v).view(batch, self.cfg.n_heads, pos, d_head)
+        return (pattern.reshape(batch, n_kv, self.n_rep * q_pos, k_pos) @ v).view(batch, self.cfg.n_heads, q_pos, d_head)
 
 
 class MLP(nn.Module):
@@ -161,10 +202,10 @@ class MLP(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.ln1 = RMSNorm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = RMSNorm(cfg)
         self.mlp = MLP(cfg)
         self.hook_resid_pre = HookPoint()
@@ -173,9 +214,9 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(x)
-        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre))))
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx)))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
 
 
@@ -201,8 +242,11 @@ class HookedLlama(HookedRootModule):
         self.tokenizer = tokenizer
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
         self.hook_embed = HookPoint()
-        self.blocks = nn.ModuleList([TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
         self.ln_final = RMSNorm(cfg)
+        cos, sin = rotary_tables(cfg)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
         self.setup()
 
     @property
@@ -241,22 +285,66 @@ class HookedLlama(HookedRootModule):
         self,
         tokens: Int[Tensor, "batch pos"],
         return_type: Literal["logits", "loss", "both"] | None = "logits",
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, ""] | tuple[Tensor, Tensor] | None:
-        """Logits, or the mean next-token cross-entropy ("loss"), or both, as TransformerLens's forward."""
+        """Logits, or the mean next-token cross-entropy ("loss"), or both, as TransformerLens's forward.
+
+        `attention_mask` (1 = token, 0 = left padding) lets prompts of different lengths share a batch;
+        `past_kv_cache` continues the sequence it holds (see KVCache). Both leave a row's logits as if it ran alone.
+        """
         if tokens.ndim == 1:
             tokens = tokens[None]
-        if tokens.shape[-1] > self.cfg.n_ctx:
-            raise SSLensError(f"{tokens.shape[-1]} tokens exceed the context of {self.cfg.n_ctx}; truncate the input")
+        start = 0 if past_kv_cache is None else past_kv_cache.length
+        if start + tokens.shape[-1] > self.cfg.n_ctx:
+            raise SSLensError(f"{start + tokens.shape[-1]} tokens exceed the context of {self.cfg.n_ctx}; truncate the input")
+        ctx = self.attention_context(tokens.shape, start, attention_mask, past_kv_cache)
         x = self.hook_embed(self.embed(tokens))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, ctx)
         logits = F.linear(self.ln_final(x), self.embed.weight)
         if return_type == "logits":
             return logits
         if return_type is None:
             return None
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        targets = tokens[:, 1:] if attention_mask is None else tokens[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return loss if return_type == "loss" else (logits, loss)
+
+    def attention_context(self, shape: torch.Size, start: int, attention_mask: Tensor | None,
+                          cache: KVCache | None) -> AttentionContext:
+        """Rotary angles and the attention mask of one call, shared by all layers. Without padding every row has
+        positions start .. start + pos - 1; with it, a row's positions count only its real tokens."""
+        batch, pos = shape
+        device = self.rotary_cos.device
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if cache is not None:
+            new_mask = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+            cache.key_mask[:, start:start + pos] = new_mask
+            padded = padded or cache.padded
+            cache.padded = padded
+            positions = cache.next_position[:, None] + new_mask.cumsum(-1) - 1
+            cache.next_position += new_mask.sum(-1)
+            cache.length = start + pos
+            key_mask = cache.key_mask[:, :start + pos]
+        else:
+            key_mask = None if attention_mask is None else attention_mask.bool()
+            positions = None if key_mask is None else key_mask.cumsum(-1) - 1
+        if not padded:
+            cos = self.rotary_cos[start:start + pos, None]
+            sin = self.rotary_sin[start:start + pos, None]
+        else:
+            positions = positions.clamp(min=0)
+            cos, sin = self.rotary_cos[positions][:, :, None], self.rotary_sin[positions][:, :, None]
+        if not padded and (start == 0 or pos == 1):
+            return AttentionContext(cos, sin, None, start, cache)
+        # Key j is visible to query i if it is not after it and not padding; every query sees itself, so a
+        # padding row never has all its keys masked (its output is ignored).
+        query_at = torch.arange(start, start + pos, device=device)[:, None]
+        key_at = torch.arange(start + pos, device=device)
+        mask = (key_at <= query_at) & ((key_at == query_at) | (key_mask[:, None] if padded else True))
+        return AttentionContext(cos, sin, mask[:, None] if mask.ndim == 3 else mask[None, None], start, cache)
 
     def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
                        **kwargs) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:
@@ -305,6 +393,12 @@ class HookedLlama(HookedRootModule):
         if len(ids) != 1:
             raise SSLensError(f"{string!r} is {len(ids)} tokens, not one")
         return ids[0]
+
+    def generate(self, prompts, max_new_tokens: int = 200, **settings) -> list:
+        """Continue prompt strings or token lists with KV-cached sampling; see `sslens.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, prompts, max_new_tokens, **settings)
 
     def save_hf(self, path: str | Path) -> None:
         """Write an HF `LlamaForCausalLM` directory (config, safetensors, tokenizer files if attached)."""

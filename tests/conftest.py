@@ -39,3 +39,18 @@ def small_model() -> HookedLlama:
 
 def random_tokens(batch: int, pos: int, vocab: int = 4096, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, pos), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run trained by the test session (2 layers, GQA, n_ctx 128, synth corpus): enough to write story-like
+    text, with checkpoints on the default log schedule."""
+    from sslens.config import load_train_config
+    from sslens.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    model_cfg, cfg = load_train_config(
+        "1.25M", n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_mlp=170, d_vocab=1024, n_ctx=128,
+        batch_size=16, max_steps=300, warmup_steps=20, lr=1e-2, val_every=100, log_every=10, data="synth:2000", dtype="float32",
+        out_dir=str(out))
+    return train(model_cfg, cfg)

@@ -25,9 +25,18 @@ def test_train_rows_on_a_tiny_run():
     assert [r.name for r in rows] == ["train_fp32_vs_hf_1.25M"] and rows[0].ours_tok_s > 0 and rows[0].goal == 1.1
 
 
+def test_generate_rows_on_a_tiny_run():
+    from sslens.bench import bench_generate
+
+    rows = bench_generate("1.25M", batches=(1, 2), new_tokens=4, reps=1)
+    assert [r.name for r in rows] == ["generate_b1_vs_hf", "generate_b2_vs_hf"] and [r.goal for r in rows] == [4.0, None]
+    assert all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
+
+
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "sslens.cli", "bench", "--preset", "1.25M", "--batch", "1", "--seq", "8",
                         "--reps", "1", "--json", str(out)], capture_output=True, text=True, check=True)
     assert "forward_nohooks_vs_hf" in r.stdout and "cache_vs_tl_bridge" in r.stdout
-    assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "train_fp32_vs_hf_1.25M"}
+    assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "generate_b1_vs_hf",
+                                                "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M"}

@@ -1,0 +1,171 @@
+"""Sampling with a KV cache: greedy, temperature, top-k, top-p; batched prompts of different lengths.
+
+Each step feeds only the new token through the model (its keys and values are appended to a `KVCache`), so a
+step costs one token's forward instead of the whole context. Hooks attached to the model (e.g. with
+`model.hooks(fwd_hooks=...)`) run on every step: on the prompt once, then on one position per step.
+
+Length rule: prompt + new tokens never exceed n_ctx; a prompt needs at least one free position, and
+`max_new_tokens` is cut to what fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .errors import SSLensError
+from .model import HookedLlama, KVCache
+from .tokenizer import encode, eos_id
+
+
+@dataclass
+class Sample:
+    """One continuation. `text` is what follows the prompt, as the tokenizer decodes it (with its leading space);
+    `logprobs` are the model's log-probabilities of each new token (temperature 1, before top-k/top-p)."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    text: str | None
+
+
+def sample_tokens(logits: Float[Tensor, "batch d_vocab"], temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> Int[Tensor, "batch"]:
+    """One token per row. Temperature 0 is greedy; top-k keeps the k most likely tokens; top-p the smallest set
+    whose probability reaches p (the most likely token always stays). The order is HF's: temperature, k, p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is None and top_p is None:
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    if top_k is not None:
+        values, indices = logits.topk(min(top_k, logits.shape[-1]))
+    else:
+        values, indices = logits.sort(-1, descending=True)
+    if top_p is not None:
+        probs = values.softmax(-1)
+        values = values.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
+
+
+def check_settings(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if not temperature >= 0:
+        raise SSLensError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise SSLensError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise SSLensError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise SSLensError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+@torch.inference_mode()
+def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+           *, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None,
+           eos: int | None = None) -> Iterator[tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]]:
+    """Yield each step's new tokens and their log-probabilities. Rows are left-padded prompts (`attention_mask`
+    0 at padding). A row that produced `eos` keeps producing it; the stream ends when every row has."""
+    check_settings(temperature, top_k, top_p, max_new_tokens)
+    batch, pos = tokens.shape
+    if pos == 0 or (attention_mask is not None and not bool(attention_mask.sum(-1).all())):
+        raise SSLensError("empty prompt: give at least one token")
+    if pos >= model.cfg.n_ctx:
+        raise SSLensError(f"the prompt is {pos} tokens; the context is {model.cfg.n_ctx}, so at most "
+                          f"{model.cfg.n_ctx - 1} leave room to generate")
+    cache = KVCache(model.cfg, batch, model.W_E.device, model.W_E.dtype)
+    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+    for step in range(min(max_new_tokens, model.cfg.n_ctx - pos)):
+        next_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
+        logprobs = logits.float().log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+        if eos is not None:
+            next_tokens = next_tokens.masked_fill(finished, eos)
+            finished |= next_tokens == eos
+        yield next_tokens, logprobs
+        if bool(finished.all()) or step + 1 == min(max_new_tokens, model.cfg.n_ctx - pos):
+            return
+        logits = model(next_tokens[:, None], past_kv_cache=cache)[:, -1]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Prompts of different lengths as one batch, padded on the left, and the attention mask (0 at padding)."""
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+    return tokens, mask
+
+
+def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 200,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             num_samples: int = 1, stop_at_eos: bool = True) -> list[Sample]:
+    """Continue each prompt `num_samples` times, all in one batch; a list of Samples, prompt by prompt.
+
+    Prompts are strings (encoded with the model's tokenizer, no [EOS]) or token-id lists. The same seed gives the
+    same samples; with temperature 0 a prompt's continuation is the same whatever else shares its batch.
+    """
+    tok = model.tokenizer
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise SSLensError("no prompts given")
+    if isinstance(prompts[0], str) and tok is None:
+        raise SSLensError("this model has no tokenizer attached; pass token ids instead of strings")
+    ids = [encode(tok, p, eos=False) if isinstance(p, str) else list(p) for p in prompts for _ in range(num_samples)]
+    if any(not p for p in ids):
+        raise SSLensError("empty prompt: give at least one word")
+    eos = eos_id(tok) if (stop_at_eos and tok is not None and tok.token_to_id("[EOS]") is not None) else None
+    tokens, mask = left_pad(ids, pad=eos or 0)
+    device = model.W_E.device
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    steps = list(stream(model, tokens.to(device), mask.to(device) if not mask.all() else None, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos))
+    new = torch.stack([t for t, _ in steps], 1).tolist() if steps else [[] for _ in ids]
+    logprobs = torch.stack([lp for _, lp in steps], 1).tolist() if steps else [[] for _ in ids]
+    samples = []
+    for prompt, row, lps in zip(ids, new, logprobs):
+        if eos is not None and eos in row:
+            end = row.index(eos) + 1  # keep the [EOS] that ended the story, drop what follows
+            row, lps = row[:end], lps[:end]
+        samples.append(Sample(prompt, row, lps, None if tok is None else continuation_text(tok, prompt, row)))
+    return samples
+
+
+def continuation_text(tok, prompt: list[int], new: list[int]) -> str:
+    """The text that `new` adds after `prompt` (decoding the two together keeps word pieces and spacing right)."""
+    before = tok.decode(prompt)
+    full = tok.decode(prompt + new)
+    return full[len(before):] if full.startswith(before) else " " + tok.decode(new)
+
+
+def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
+                top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Iterator[str]:
+    """Continue one prompt, yielding text as it is produced, whole words at a time (a later word piece or
+    punctuation can change how the end of the text decodes, so the unfinished word is held back)."""
+    tok = model.tokenizer
+    if tok is None:
+        raise SSLensError("this model has no tokenizer attached, so it cannot continue text")
+    prompt_ids = encode(tok, prompt, eos=False)
+    if not prompt_ids:
+        raise SSLensError("empty prompt: give at least one word")
+    eos = tok.token_to_id("[EOS]")
+    new: list[int] = []
+    shown = ""
+    steps = stream(model, torch.tensor([prompt_ids], device=model.W_E.device), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos)
+    for token, _ in steps:
+        new.append(int(token))
+        text = continuation_text(tok, prompt_ids, new)
+        done = text[:text.rfind(" ") + 1]
+        if done.startswith(shown) and len(done) > len(shown):
+            yield done[len(shown):]
+            shown = done
+    text = continuation_text(tok, prompt_ids, new)
+    if text.startswith(shown) and len(text) > len(shown):
+        yield text[len(shown):]

@@ -1,0 +1,213 @@
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import random_tokens
+
+from sslens import SSLensError, load_model
+from sslens.generate import generate, left_pad, sample_tokens, stream
+from sslens.model import KVCache
+
+PROMPTS = ["once upon a time", "the little dog ran to the big tree and", "mia", "a storm came over the hills"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    return load_model(tiny_run)
+
+
+def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq[0, len(prompt):].tolist()
+
+
+def test_kv_cached_greedy_equals_full_reforward(model):
+    for prompt in PROMPTS[:2]:
+        ids = model.tokenizer.encode(prompt, add_special_tokens=False).ids
+        sample = model.generate(prompt, max_new_tokens=50, temperature=0, stop_at_eos=False)[0]
+        assert sample.prompt_tokens == ids
+        assert sample.tokens == greedy_by_full_forward(model, ids, 50)
+
+
+def test_greedy_equals_transformers_generate_on_the_hf_export(model, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model.save_hf(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    for prompt in PROMPTS[:2]:
+        ids = model.tokenizer.encode(prompt, add_special_tokens=False).ids
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False, eos_token_id=None, pad_token_id=0)
+        ours = model.generate([ids], max_new_tokens=50, temperature=0, stop_at_eos=False)[0]
+        assert ours.tokens == expected[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "pattern-hooked"])
+def test_left_padded_batch_gives_each_row_its_own_logits(model, explicit):
+    prompts = [random_tokens(1, n, 1024, seed=n)[0].tolist() for n in (5, 12, 1, 8)]
+    tokens, mask = left_pad(prompts, pad=0)
+    hooks = [(lambda name: name.endswith("hook_pattern"), lambda t, hook: t)] if explicit else []
+    with torch.no_grad():
+        batched = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+        for row, prompt in enumerate(prompts):
+            alone = model.run_with_hooks(torch.tensor([prompt]), fwd_hooks=hooks)[0]
+            torch.testing.assert_close(batched[row, -len(prompt):], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "pattern-hooked"])
+def test_feeding_a_kv_cache_in_pieces_equals_one_forward(small_model, explicit):
+    tokens = random_tokens(2, 24)
+    hooks = [(lambda name: name.endswith("hook_pattern"), lambda t, hook: t)] if explicit else []
+    cache = KVCache(small_model.cfg, batch=2)
+    with torch.no_grad():
+        full = small_model.run_with_hooks(tokens, fwd_hooks=hooks)
+        pieces = [small_model.run_with_hooks(tokens[:, a:b], past_kv_cache=cache, fwd_hooks=hooks)
+                  for a, b in [(0, 7), (7, 8), (8, 15), (15, 24)]]
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 24 and cache.next_position.tolist() == [24, 24]
+
+
+def test_batched_generation_equals_one_by_one(model):
+    batched = model.generate(PROMPTS, max_new_tokens=40, temperature=0)
+    alone = [model.generate(p, max_new_tokens=40, temperature=0)[0] for p in PROMPTS]
+    assert [s.tokens for s in batched] == [s.tokens for s in alone]
+    assert [s.text for s in batched] == [s.text for s in alone]
+    for a, b in zip(batched, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+def test_logprobs_are_the_models_log_probabilities(model):
+    sample = model.generate(PROMPTS[0], max_new_tokens=10, temperature=0.8, top_k=5, seed=3)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([sample.prompt_tokens + sample.tokens]))[0]
+    n = len(sample.prompt_tokens)
+    expected = logits[n - 1:-1].log_softmax(-1).gather(-1, torch.tensor(sample.tokens)[:, None])[:, 0]
+    assert sample.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_top_k_and_top_p_never_sample_outside_their_support():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, 1.5, 0.2]]).repeat(20000, 1)
+    probs = logits[0].softmax(-1)
+    gen = torch.Generator().manual_seed(0)
+    top3 = set(logits[0].topk(3).indices.tolist())
+    assert set(sample_tokens(logits, top_k=3, generator=gen).tolist()) == top3
+    # top-p 0.7: the smallest prefix of the sorted probabilities that reaches 0.7
+    order = probs.argsort(descending=True)
+    keep = order[: int((probs[order].cumsum(0) < 0.7).sum()) + 1]
+    drawn = sample_tokens(logits, top_p=0.7, generator=gen)
+    assert set(drawn.tolist()) == set(keep.tolist())
+    freq = torch.bincount(drawn, minlength=8).float() / len(drawn)
+    expected = torch.zeros(8).index_put_((keep,), probs[keep] / probs[keep].sum())
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+    both = sample_tokens(logits, temperature=2.0, top_k=4, top_p=0.5, generator=gen)
+    assert set(both.tolist()) <= set(logits[0].topk(4).indices.tolist())
+    assert sample_tokens(logits[:1], temperature=0).item() == 0
+    assert set(sample_tokens(logits, top_p=1e-9, generator=gen).tolist()) == {0}
+
+
+def test_same_seed_same_text(model):
+    settings = dict(max_new_tokens=30, temperature=1.0, top_k=40, top_p=0.95)
+    first = model.generate(PROMPTS[:2], seed=7, **settings)
+    assert [s.tokens for s in first] == [s.tokens for s in model.generate(PROMPTS[:2], seed=7, **settings)]
+    assert [s.tokens for s in first] != [s.tokens for s in model.generate(PROMPTS[:2], seed=8, **settings)]
+
+
+def test_a_row_stops_at_eos_while_others_go_on(model):
+    ids = [model.tokenizer.encode(p, add_special_tokens=False).ids for p in PROMPTS[:2]]
+    free = [greedy_by_full_forward(model, p, 20) for p in ids]
+    eos = free[0][3]  # pretend the token row 0 writes at step 3 is [EOS]
+    tokens, mask = left_pad(ids, pad=0)
+    steps = torch.stack([t for t, _ in stream(model, tokens, mask, max_new_tokens=20, temperature=0, eos=eos)], 1)
+    assert steps[0, :4].tolist() == free[0][:4] and set(steps[0, 4:].tolist()) <= {eos}
+    stop = free[1].index(eos) + 1 if eos in free[1] else 20
+    assert steps[1, :stop].tolist() == free[1][:stop] and steps.shape[1] == max(4, stop)
+
+
+def test_hooks_steer_and_record_during_generation(model):
+    recorded = []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: recorded.append(t.shape[1]))]):
+        sample = model.generate(PROMPTS[1], max_new_tokens=6, temperature=0, stop_at_eos=False)[0]
+    assert recorded == [len(sample.prompt_tokens)] + [1] * 5  # the prompt once, then one position per step
+    push = 10 * model.tokens_to_residual_directions("tree")
+
+    def steer(resid, hook):
+        return resid + push
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", steer)]):
+        steered = model.generate(PROMPTS[0], max_new_tokens=20, temperature=0, stop_at_eos=False)[0]
+        assert steered.tokens == greedy_by_full_forward(model, steered.prompt_tokens, 20)  # hooked as a forward is
+    plain = model.generate(PROMPTS[0], max_new_tokens=20, temperature=0, stop_at_eos=False)[0]
+    assert plain.tokens == greedy_by_full_forward(model, plain.prompt_tokens, 20) != steered.tokens  # hooks removed
+
+
+def test_length_rule_and_bad_settings(model):
+    n_ctx = model.cfg.n_ctx
+    near_full = random_tokens(1, n_ctx - 3, 1024)[0].tolist()
+    assert len(model.generate([near_full], max_new_tokens=10, temperature=0, stop_at_eos=False)[0].tokens) == 3
+    with pytest.raises(SSLensError, match=f"the prompt is {n_ctx} tokens; the context is {n_ctx}"):
+        model.generate([random_tokens(1, n_ctx, 1024)[0].tolist()])
+    with pytest.raises(SSLensError, match="empty prompt"):
+        model.generate("")
+    with pytest.raises(SSLensError, match="top_p must be in"):
+        model.generate("a", top_p=0)
+    with pytest.raises(SSLensError, match="temperature must be >= 0"):
+        model.generate("a", temperature=-1)
+    assert model.generate("ça, über — 日本", max_new_tokens=3, temperature=0)[0].prompt_tokens  # [UNK], not a crash
+
+
+def sslens(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True, **kwargs)
+
+
+def test_cli_prompt_and_json(model, tiny_run):
+    r = sslens("generate", str(tiny_run), "--prompt", "once upon a time", "--temperature", "0", "--max_new_tokens", "20")
+    expected = model.generate("once upon a time", max_new_tokens=20, temperature=0)[0]
+    assert r.returncode == 0 and r.stdout == "once upon a time" + expected.text + "\n"
+    r = sslens("generate", str(tiny_run), "--step", "64", "--prompt", "the dog", "--json", "--seed", "1",
+               "--top_k", "10", "--num_samples", "2", "--max_new_tokens", "8")
+    rows = json.loads(r.stdout)
+    old = load_model(tiny_run, step=64).generate("the dog", max_new_tokens=8, top_k=10, seed=1, num_samples=2)
+    assert [row["tokens"] for row in rows] == [s.tokens for s in old]
+    assert all(row["logprobs"] == pytest.approx(s.logprobs, abs=1e-5) for row, s in zip(rows, old))
+    assert rows[0]["token_strings"] == [model.tokenizer.id_to_token(t) for t in old[0].tokens]
+    r = sslens("generate", str(tiny_run), "--prompt", "")
+    assert r.returncode == 2 and r.stderr == "sslens: error: empty prompt: give at least one word\n"
+
+
+def test_interactive_from_stdin(model, tiny_run):
+    r = sslens("generate", str(tiny_run), "--temperature", "0", "--max_new_tokens", "15",
+               input="once upon a time\nmia\n\nnever read\n")
+    assert r.returncode == 0, r.stderr
+    stories = [p + model.generate(p, max_new_tokens=15, temperature=0)[0].text for p in ("once upon a time", "mia")]
+    assert r.stdout == "".join(f"> {s}\n\n" for s in stories) + "> "
+
+
+def test_interactive_in_a_terminal_streams_and_quits_on_ctrl_d(model, tiny_run):
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: sslens on a pseudo-terminal
+        os.execv(sys.executable, [sys.executable, "-m", "sslens", "generate", str(tiny_run), "--temperature", "0",
+                                  "--max_new_tokens", "15"])
+    expected = model.generate("once upon a time", max_new_tokens=15, temperature=0)[0].text.strip()
+    out = read_until(fd, "> ")
+    os.write(fd, b"once upon a time\n")
+    out += read_until(fd, expected + "\r\n\r\n> ")
+    os.write(fd, b"\x04")  # Ctrl-D
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and "Traceback" not in out
+
+
+def read_until(fd: int, text: str, timeout: float = 60) -> str:
+    out, deadline = "", time.time() + timeout
+    while text not in out:
+        assert time.time() < deadline, f"no {text!r} in {out!r}"
+        if select.select([fd], [], [], 0.1)[0]:
+            out += os.read(fd, 4096).decode()
+    return out
