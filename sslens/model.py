@@ -320,12 +320,15 @@ class HookedLlama(HookedRootModule):
         device = self.rotary_cos.device
         padded = attention_mask is not None and not bool(attention_mask.all())
         if cache is not None:
-            new_mask = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-            cache.key_mask[:, start:start + pos] = new_mask
-            padded = padded or cache.padded
-            cache.padded = padded
-            positions = cache.next_position[:, None] + new_mask.cumsum(-1) - 1
-            cache.next_position += new_mask.sum(-1)
+            if attention_mask is not None:
+                cache.key_mask[:, start:start + pos] = attention_mask.bool()
+            cache.padded = padded = padded or cache.padded
+            if padded:
+                new = cache.key_mask[:, start:start + pos]
+                positions = cache.next_position[:, None] + new.cumsum(-1) - 1
+                cache.next_position += new.sum(-1)
+            else:
+                cache.next_position += pos
             cache.length = start + pos
             key_mask = cache.key_mask[:, :start + pos]
         else:
