@@ -68,6 +68,35 @@ def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     return run_dir
 
 
+def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> None:
+    """Refuse to start a run whose checkpoints cannot fit: each holds fp32 weights and AdamW's two moments."""
+    n_params = sum(p.numel() for p in model.parameters())
+    need = n_checkpoints * 12 * n_params + (64 << 20)  # + room for metrics, tokenizer and a checkpoint being written
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise SSLensError(f"{run_dir} has {free / 2**30:.2f} GiB free but {n_checkpoints} checkpoints of this model need "
+                          f"about {need / 2**30:.2f} GiB; free space, choose another --out_dir or fewer checkpoints "
+                          f"(--checkpoint_schedule)")
+
+
+def _on_rank0(world: int, fn):
+    """fn()'s result on rank 0, shared with every rank; if rank 0 refuses (SSLensError), every rank raises it
+    instead of waiting for it at a barrier."""
+    result, error = None, None
+    if world == 1 or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except SSLensError as e:
+            error = str(e)
+    if world > 1:
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)
+        result, error = shared
+    if error is not None:
+        raise SSLensError(error)
+    return result
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size). Under torchrun, joins the process group: gloo on CPU, nccl on GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -84,8 +113,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    run_dir = prepare_run_dir(cfg, model_cfg) if main else Path(cfg.out_dir or Path("runs") / model_cfg.model_name)
-    _barrier(world)
+    run_dir = _on_rank0(world, lambda: prepare_run_dir(cfg, model_cfg))
     if cfg.resume:
         saved = read_run_config(run_dir)
         changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
@@ -94,7 +122,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                               f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
     torch.manual_seed(cfg.seed)
     train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
-    if main:
+
+    def write_tokenizer_and_config() -> None:
         if cfg.resume or (run_dir / "tokenizer.json").is_file():
             tok = load_tokenizer(run_dir / "tokenizer.json")
         elif cfg.tokenizer:
@@ -104,7 +133,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
         save_tokenizer(tok, run_dir / "tokenizer.json")
         write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
         tokenize(train_stories, tok), tokenize(val_stories, tok)  # fill the cache once, for every rank
-    _barrier(world)
+
+    _on_rank0(world, write_tokenizer_and_config)
     tok = load_tokenizer(run_dir / "tokenizer.json")
 
     tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
@@ -123,12 +153,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   foreach=True)
+    schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
+    if main:
+        check_free_space(run_dir, model, len(schedule))
     step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
     forward = torch.compile(model) if cfg.compile else model
     if world > 1:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast_dtype(cfg, device)
-    schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
     metrics_path = run_dir / "metrics.jsonl"
     if main:
         keep_metrics_until(metrics_path, step)

@@ -159,3 +159,30 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
     assert [m["step"] for m in ddp] == [m["step"] for m in ref] and ddp[-1]["tokens"] == ref[-1]["tokens"]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp, ref)) <= 1e-5
     assert saved_steps(tmp_path / "ddp") == saved_steps(single)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_exit_together_when_rank0_refuses(tmp_path):
+    """An existing run without --resume: rank 0 refuses, and rank 1 gets the same error instead of waiting for rank 0
+    at a barrier until the process-group timeout."""
+    import os
+    import socket
+
+    train(*tiny(tmp_path, "--max_steps=2"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                        f"--master-port={port}", "-m", "sslens", "train", "1.25M", *TINY, "--max_steps=2",
+                        f"--out_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode != 0 and r.stderr.count("already holds a run") == 2, r.stderr[-2000:]
+
+
+def test_too_little_disk_is_refused_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**20, 2**20))
+    with pytest.raises(SSLensError, match=r"has 0.00 GiB free but 5 checkpoints of this model need about [\d.]+ GiB"):
+        train(*tiny(tmp_path, "--max_steps=5"))
+    assert saved_steps(tmp_path / "run") == []
