@@ -109,31 +109,34 @@ def _train_step(model: torch.nn.Module, logits_of: Callable, x: torch.Tensor, y:
 
 
 def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq: int = 512, reps: int = 3,
-                dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> list[Row]:
-    """Training steps against a training loop of HF LlamaForCausalLM with the same weights, batch and dtype."""
+                dtypes: tuple[torch.dtype, ...] = (torch.float32,), compiled: tuple[bool, ...] = (False, True)) -> list[Row]:
+    """Training steps against a training loop of HF LlamaForCausalLM with the same weights, batch and dtype; sslens
+    eager and, as its trainer runs by default, torch.compiled (the peer stays eager, as HF's Trainer runs)."""
     rows = []
     for preset in presets:
         for dtype in dtypes:
-            model = HookedLlama.from_preset(preset, seed=0).train()
-            with tempfile.TemporaryDirectory() as export:
-                model.save_hf(export)
-                hf = LlamaForCausalLM.from_pretrained(export).train()
-            tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            amp = None if dtype == torch.float32 else dtype
-            name = f"train_{str(dtype).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}_vs_hf_{preset}"
-            rows.append(compare(name, _train_step(model, model, x, y, amp), "HF LlamaForCausalLM training step",
-                                _train_step(hf, lambda t: hf(t).logits, x, y, amp), batch * seq, reps,
-                                goal=1.1 if amp is None else 1.5))
+            for compile_ in compiled:
+                model = HookedLlama.from_preset(preset, seed=0).train()
+                with tempfile.TemporaryDirectory() as export:
+                    model.save_hf(export)
+                    hf = LlamaForCausalLM.from_pretrained(export).train()
+                tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+                x, y = tokens[:, :-1], tokens[:, 1:]
+                amp = None if dtype == torch.float32 else dtype
+                kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+                name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
+                rows.append(compare(name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp),
+                                    "HF LlamaForCausalLM training step", _train_step(hf, lambda t: hf(t).logits, x, y, amp),
+                                    batch * seq, reps, goal=1.1 if amp is None else 1.5))
     return rows
 
 
 def format_rows(rows: list[Row], header: str) -> str:
-    lines = [header, f"{'row':<26}{'sslens tok/s':>14}{'peer tok/s':>12}{'ratio':>8}{'goal':>7}  peer"]
+    lines = [header, f"{'row':<34}{'sslens tok/s':>14}{'peer tok/s':>12}{'ratio':>8}{'goal':>7}  peer"]
     for r in rows:
         goal = "     -" if r.goal is None else f"{r.goal:>6.1f}x"
         mark = "" if r.goal is None else " [ok]" if r.ratio >= r.goal else " [MISSED]"
-        lines.append(f"{r.name:<26}{r.ours_tok_s:>14,.0f}{r.peer_tok_s:>12,.0f}{r.ratio:>7.2f}x{goal}  {r.peer}{mark}")
+        lines.append(f"{r.name:<34}{r.ours_tok_s:>14,.0f}{r.peer_tok_s:>12,.0f}{r.ratio:>7.2f}x{goal}  {r.peer}{mark}")
     return "\n".join(lines)
 
 

@@ -99,7 +99,8 @@ class TrainConfig:
     grad_clip: float = _help("clip the gradient norm to this; 0: no clipping", 1.0)
     dtype: str = _help("auto (bfloat16 autocast where the hardware has fast bf16, else float32), bfloat16 or float32",
                        "auto")
-    compile: bool = _help("torch.compile the model", False)
+    compile: str = _help("torch.compile the model: true, false, or auto (on where it pays: a run of 200+ steps, on CUDA "
+                         "or on a CPU with a C++ compiler for inductor)", "auto")
     val_every: int = _help("validation loss every this many steps (and at the end)", 100)
     val_batches: int = _help("batches of held-out data per validation", 8)
     log_every: int = _help("a metrics.jsonl line every this many steps", 10)
@@ -110,7 +111,11 @@ class TrainConfig:
     wandb_project: str = _help("also log to this Weights & Biases project (key from WANDB_API_KEY or a .env file)", "")
 
     def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):  # --compile=False, as the seed's users write it, or a bare --compile
+            self.compile = str(self.compile).lower()
         _coerce_fields(self)
+        if self.compile not in ("auto", "true", "false"):
+            raise ConfigError(f"compile must be auto, true or false, got {self.compile!r}")
         for name in ("max_steps", "batch_size", "val_every", "val_batches", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

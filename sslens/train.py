@@ -48,6 +48,14 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None
 
 
+def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
+    """compile=auto: on where it pays. On CPU, inductor needs a C++ compiler, and its compile (about 30 s for 5M on
+    2 cores) is repaid after about 150 steps at batch 8 x 512 (steps 1.18x faster)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "true"
+    return cfg.max_steps >= 200 and (device.type == "cuda" or shutil.which("g++") is not None)
+
+
 def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
     run_dir = Path(cfg.out_dir or Path("runs") / model_cfg.model_name)
     if run_dir.exists() and not run_dir.is_dir():
@@ -157,7 +165,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     if main:
         check_free_space(run_dir, model, len(schedule))
     step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
-    forward = torch.compile(model) if cfg.compile else model
+    forward = torch.compile(model) if use_compile(cfg, device) else model
     if world > 1:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast_dtype(cfg, device)

@@ -52,5 +52,5 @@ def tiny_run(tmp_path_factory) -> Path:
     model_cfg, cfg = load_train_config(
         "1.25M", n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_mlp=170, d_vocab=1024, n_ctx=128,
         batch_size=16, max_steps=300, warmup_steps=20, lr=1e-2, val_every=100, log_every=10, data="synth:2000", dtype="float32",
-        out_dir=str(out))
+        compile="false", out_dir=str(out))
     return train(model_cfg, cfg)

@@ -21,7 +21,7 @@ def test_bench_rows_on_a_tiny_run():
 def test_train_rows_on_a_tiny_run():
     from sslens.bench import bench_train
 
-    rows = bench_train(("1.25M",), batch=1, seq=16, reps=1)
+    rows = bench_train(("1.25M",), batch=1, seq=16, reps=1, compiled=(False,))
     assert [r.name for r in rows] == ["train_fp32_vs_hf_1.25M"] and rows[0].ours_tok_s > 0 and rows[0].goal == 1.1
 
 
@@ -39,4 +39,5 @@ def test_cli_bench_writes_json(tmp_path):
                         "--reps", "1", "--json", str(out)], capture_output=True, text=True, check=True)
     assert "forward_nohooks_vs_hf" in r.stdout and "cache_vs_tl_bridge" in r.stdout
     assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "generate_b1_vs_hf",
-                                                "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M"}
+                                                "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M",
+                                                "train_fp32_compiled_vs_hf_1.25M"}

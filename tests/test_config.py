@@ -62,6 +62,16 @@ def test_overrides_are_parsed_as_yaml():
         parse_overrides(["n_layers"])
 
 
+def test_compile_takes_the_seeds_spelling_and_auto():
+    from sslens.config import load_train_config
+
+    assert load_train_config("5M")[1].compile == "auto"
+    for given, read in [(False, "false"), (True, "true"), ("auto", "auto"), ("false", "false")]:
+        assert load_train_config("5M", compile=given)[1].compile == read
+    with pytest.raises(ConfigError, match="compile must be auto, true or false, got 'sometimes'"):
+        load_train_config("5M", compile="sometimes")
+
+
 @pytest.mark.parametrize("overrides, field", [
     ({"n_heads": 3}, "n_heads"),                       # d_model 128 not divisible by 3
     ({"n_key_value_heads": 3}, "n_key_value_heads"),   # 4 heads not divisible by 3 KV heads

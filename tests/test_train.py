@@ -1,4 +1,5 @@
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,21 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
     assert [m["step"] for m in metrics(run)] == list(range(1, 41))
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
+
+
+def test_compiled_training_follows_eager_training(tmp_path):
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+    from sslens.train import use_compile
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    tok = f"--tokenizer={tmp_path / 'tok.json'}"
+    eager = metrics(train(*tiny(tmp_path, "--max_steps=4", "--compile=False", tok, name="eager")))
+    compiled = metrics(train(*tiny(tmp_path, "--max_steps=4", "--compile", tok, name="compiled")))
+    assert [m["loss"] for m in compiled] == pytest.approx([m["loss"] for m in eager], abs=1e-4)
+    cpu = torch.device("cpu")
+    assert not use_compile(tiny(tmp_path, "--max_steps=199")[1], cpu)  # too short to repay the compile
+    assert use_compile(tiny(tmp_path, "--max_steps=200")[1], cpu) == (shutil.which("g++") is not None)
 
 
 def test_wandb_offline(tmp_path, monkeypatch):
