@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
@@ -25,15 +26,32 @@ from .errors import SSLensError
 from .tokenizer import encode
 
 
+class Hook(HookPoint):
+    """A TransformerLens HookPoint that returns its input at once while nothing is attached to it, skipping
+    nn.Module's call machinery: a model has ~20 per layer, and a one-token generation step mostly pays overhead."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return super().__call__(x) if self.active else x
+
+    @property
+    def active(self) -> bool:
+        """Whether any forward or backward hook (TransformerLens's, plain torch's, or a global one) could fire."""
+        return bool(self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                    or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                    or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.eps
         self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.hook_scale = HookPoint()  # [batch, pos, 1]: sqrt(mean(x^2) + eps), as TransformerLens
-        self.hook_normalized = HookPoint()  # [batch, pos, d_model]: x / scale, before the weight
+        self.hook_scale = Hook()  # [batch, pos, 1]: sqrt(mean(x^2) + eps), as TransformerLens
+        self.hook_normalized = Hook()  # [batch, pos, d_model]: x / scale, before the weight
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if not (self.hook_scale.active or self.hook_normalized.active):  # the fused kernel, same fp32 numerics
+            return F.rms_norm(x.float(), self.w.shape, eps=self.eps).to(x.dtype) * self.w
         x32 = x.float()
         scale = self.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         return self.hook_normalized(x32 * scale.reciprocal()).to(x.dtype) * self.w
@@ -93,14 +111,14 @@ class Attention(nn.Module):
         self.qkv_sizes = [cfg.n_heads * cfg.d_head] + 2 * [cfg.n_key_value_heads * cfg.d_head]
         self.qkv_proj = nn.Linear(cfg.d_model, sum(self.qkv_sizes), bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
-        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
-        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
-        self.hook_rot_q = HookPoint()
-        self.hook_rot_k = HookPoint()
-        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], -inf above the diagonal
-        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos]
-        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_q = Hook()  # [batch, pos, head, d_head]
+        self.hook_k = Hook()  # [batch, pos, kv_head, d_head]
+        self.hook_v = Hook()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = Hook()
+        self.hook_rot_k = Hook()
+        self.hook_attn_scores = Hook()  # [batch, head, q_pos, k_pos], -inf above the diagonal
+        self.hook_pattern = Hook()  # [batch, head, q_pos, k_pos]
+        self.hook_z = Hook()  # [batch, pos, head, d_head]
 
     # TransformerLens weight views: W_Q [head, d_model, d_head], W_O [head, d_head, d_model]. W_K and W_V are
     # repeated to one per query head (as TransformerLens does for GQA) so per-head circuits index them directly.
@@ -126,7 +144,7 @@ class Attention(nn.Module):
 
     def pattern_needed(self) -> bool:
         # Any hook (TransformerLens or plain torch) on scores or pattern needs them materialised.
-        return any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
+        return self.hook_attn_scores.active or self.hook_pattern.active
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
         batch, pos, _ = x.shape
@@ -179,9 +197,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=False)  # rows: gate, then up
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=False)
-        self.hook_pre = HookPoint()  # gate pre-activation [batch, pos, d_mlp]
-        self.hook_pre_linear = HookPoint()  # up projection [batch, pos, d_mlp]
-        self.hook_post = HookPoint()  # silu(pre) * pre_linear [batch, pos, d_mlp]
+        self.hook_pre = Hook()  # gate pre-activation [batch, pos, d_mlp]
+        self.hook_pre_linear = Hook()  # up projection [batch, pos, d_mlp]
+        self.hook_post = Hook()  # silu(pre) * pre_linear [batch, pos, d_mlp]
 
     @property
     def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
@@ -208,11 +226,11 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg, layer)
         self.ln2 = RMSNorm(cfg)
         self.mlp = MLP(cfg)
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.hook_resid_pre = Hook()
+        self.hook_attn_out = Hook()
+        self.hook_resid_mid = Hook()
+        self.hook_mlp_out = Hook()
+        self.hook_resid_post = Hook()
 
     def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(x)
@@ -241,7 +259,7 @@ class HookedLlama(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.hook_embed = HookPoint()
+        self.hook_embed = Hook()
         self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
         self.ln_final = RMSNorm(cfg)
         cos, sin = rotary_tables(cfg)

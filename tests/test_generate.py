@@ -182,6 +182,35 @@ def test_cli_prompt_and_json(model, tiny_run):
     assert r.returncode == 2 and r.stderr == "sslens: error: empty prompt: give at least one word\n"
 
 
+def test_cli_reads_an_hf_directory(model, tmp_path):
+    model.save_hf(tmp_path / "hf")
+    r = sslens("generate", str(tmp_path / "hf"), "--prompt", "mia", "--temperature", "0", "--max_new_tokens", "12")
+    assert r.returncode == 0 and r.stdout == "mia" + model.generate("mia", max_new_tokens=12, temperature=0)[0].text + "\n"
+
+
+def test_interactive_ctrl_c_stops_the_story_not_the_session(model, monkeypatch, capsys):
+    import builtins
+
+    import sslens.generate
+    from sslens.cli import interactive
+
+    def interrupted_story(*args, **kwargs):
+        yield " the first words"
+        raise KeyboardInterrupt
+
+    answers = iter(["once", "mia"])
+
+    def typed(prompt):
+        if (answer := next(answers, None)) is None:
+            raise KeyboardInterrupt  # Ctrl-C at the prompt ends the session
+        return answer
+
+    monkeypatch.setattr(builtins, "input", typed)
+    monkeypatch.setattr(sslens.generate, "stream_text", interrupted_story)
+    interactive(model, {"max_new_tokens": 5}, None)
+    assert capsys.readouterr().out == "once the first words [stopped]\n\nmia the first words [stopped]\n\n\n"
+
+
 def test_interactive_from_stdin(model, tiny_run):
     r = sslens("generate", str(tiny_run), "--temperature", "0", "--max_new_tokens", "15",
                input="once upon a time\nmia\n\nnever read\n")
