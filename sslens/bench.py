@@ -7,6 +7,7 @@ per-repetition ratios (peer time / our time: > 1 means sslens is faster).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -18,6 +19,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformer_lens.model_bridge import TransformerBridge
 
+from .flops import flops_per_token, peak_flops
 from .model import HookedLlama
 from .tokenizer import placeholder_tokenizer
 
@@ -30,6 +32,7 @@ class Row:
     peer_tok_s: float
     ratio: float
     goal: float | None  # None: measured, no goal set
+    mfu: tuple[float, float] | None = None  # (sslens, peer): model FLOPs/s over the measured matmul peak
 
 
 def interleaved(ours: Callable[[], object], peer: Callable[[], object], reps: int) -> tuple[list[float], list[float]]:
@@ -125,9 +128,12 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
                 amp = None if dtype == torch.float32 else dtype
                 kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
                 name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
-                rows.append(compare(name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp),
-                                    "HF LlamaForCausalLM training step", _train_step(hf, lambda t: hf(t).logits, x, y, amp),
-                                    batch * seq, reps, goal=1.1 if amp is None else 1.5))
+                row = compare(name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp),
+                              "HF LlamaForCausalLM training step", _train_step(hf, lambda t: hf(t).logits, x, y, amp),
+                              batch * seq, reps, goal=1.1 if amp is None else 1.5)
+                per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops("cpu", dtype)
+                row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
+                rows.append(row)
     return rows
 
 
@@ -136,7 +142,8 @@ def format_rows(rows: list[Row], header: str) -> str:
     for r in rows:
         goal = "     -" if r.goal is None else f"{r.goal:>6.1f}x"
         mark = "" if r.goal is None else " [ok]" if r.ratio >= r.goal else " [MISSED]"
-        lines.append(f"{r.name:<34}{r.ours_tok_s:>14,.0f}{r.peer_tok_s:>12,.0f}{r.ratio:>7.2f}x{goal}  {r.peer}{mark}")
+        mfu = "" if r.mfu is None else f" (MFU {r.mfu[0]:.0%} vs {r.mfu[1]:.0%})"
+        lines.append(f"{r.name:<34}{r.ours_tok_s:>14,.0f}{r.peer_tok_s:>12,.0f}{r.ratio:>7.2f}x{goal}  {r.peer}{mark}{mfu}")
     return "\n".join(lines)
 
 

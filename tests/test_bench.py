@@ -23,6 +23,7 @@ def test_train_rows_on_a_tiny_run():
 
     rows = bench_train(("1.25M",), batch=1, seq=16, reps=1, compiled=(False,))
     assert [r.name for r in rows] == ["train_fp32_vs_hf_1.25M"] and rows[0].ours_tok_s > 0 and rows[0].goal == 1.1
+    assert all(0 < m < 1 for m in rows[0].mfu)
 
 
 def test_generate_rows_on_a_tiny_run():
