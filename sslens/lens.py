@@ -1,0 +1,120 @@
+"""Reading a model on one prompt: the logit lens, attention-head summaries and next-token probabilities.
+
+The explorer and the notebooks draw from these; each returns plain tensors, indexed as the docstrings say.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+from .model import HookedLlama
+
+
+@dataclass
+class LogitLens:
+    """The final norm and unembedding applied to the residual stream before each layer and after the last.
+
+    Row `l` of every tensor is `labels[l]`: "embed" (the residual entering block 0), then "blocks.i" (leaving
+    block i). `target_*` describe the token that actually comes next (none for the last position).
+    """
+
+    labels: list[str]
+    top_tokens: Int[Tensor, "layer pos k"]
+    top_probs: Float[Tensor, "layer pos k"]
+    target_probs: Float[Tensor, "layer pos_minus_1"]
+    target_ranks: Int[Tensor, "layer pos_minus_1"]  # 0: the lens's top prediction
+
+
+@torch.inference_mode()
+def logit_lens(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int = 5, cache: ActivationCache | None = None) -> LogitLens:
+    """What each layer's residual stream would predict if the model stopped there. The final norm is applied
+    afresh to each residual (its own RMS), so the last row equals the model's real output."""
+    if cache is None:
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post")))
+    n = model.cfg.n_layers
+    resid = torch.stack([cache["blocks.0.hook_resid_pre"][0]] + [cache[f"blocks.{i}.hook_resid_post"][0] for i in range(n)])
+    probs = (model.ln_final(resid) @ model.W_U).float().softmax(-1)  # [layer, pos, d_vocab]
+    top_probs, top_tokens = probs.topk(k, dim=-1)
+    targets = tokens[1:].to(probs.device)
+    target_probs = probs[:, :-1].gather(-1, targets[None, :, None].expand(n + 1, -1, 1))[..., 0]
+    target_ranks = (probs[:, :-1] > target_probs[..., None]).sum(-1)
+    return LogitLens(["embed"] + [f"blocks.{i}" for i in range(n)], top_tokens, top_probs, target_probs, target_ranks)
+
+
+def previous_token_scores(pattern: Float[Tensor, "layer head q_pos k_pos"]) -> Float[Tensor, "layer head"]:
+    """Mean attention from each position to the one before it (positions 1 onwards)."""
+    return pattern.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)
+
+
+def first_token_scores(pattern: Float[Tensor, "layer head q_pos k_pos"]) -> Float[Tensor, "layer head"]:
+    """Mean attention to position 0 (the usual resting place of heads with nothing to do)."""
+    return pattern[..., 0].mean(-1)
+
+
+def induction_scores(pattern: Float[Tensor, "layer head q_pos k_pos"], tokens: Int[Tensor, "pos"]) -> Float[Tensor, "layer head"]:
+    """Mean attention from a token that occurred before to the token that followed its previous occurrence
+    (A B ... A -> B); zero where no token repeats."""
+    targets = induction_targets(tokens)
+    rows = [i for i, j in enumerate(targets) if j is not None]
+    if not rows:
+        return torch.zeros(pattern.shape[:2], device=pattern.device)
+    cols = [targets[i] for i in rows]
+    return pattern[..., rows, cols].mean(-1)
+
+
+def induction_targets(tokens: Int[Tensor, "pos"]) -> list[int | None]:
+    """For each position, the position after the previous occurrence of its token (None if it has none or if
+    that would be the position itself)."""
+    last: dict[int, int] = {}
+    targets: list[int | None] = []
+    for i, t in enumerate(tokens.tolist()):
+        j = last.get(t)
+        targets.append(j + 1 if j is not None and j + 1 < i else None)
+        last[t] = i
+    return targets
+
+
+@torch.inference_mode()
+def head_summaries(model: HookedLlama, tokens: Int[Tensor, "pos"],
+                   cache: ActivationCache | None = None) -> dict[str, Float[Tensor, "layer head"]]:
+    """Previous-token, first-token and induction scores of every head on this prompt."""
+    if cache is None:
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    pattern = cache.stack_activation("pattern")[:, 0]  # [layer, head, q, k]
+    return {"previous token": previous_token_scores(pattern), "first token": first_token_scores(pattern),
+            "induction": induction_scores(pattern, tokens)}
+
+
+@torch.inference_mode()
+def repeated_tokens_induction_scores(model: HookedLlama, seq_len: int = 50, batch: int = 8,
+                                     seed: int = 0) -> Float[Tensor, "layer head"]:
+    """The standard induction score: on random tokens repeated twice, mean attention from each token of the
+    second copy to the token after its first occurrence (seq_len - 1 back)."""
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen)
+    tokens = torch.cat([first, first], 1).to(model.W_E.device)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    pattern = cache.stack_activation("pattern")  # [layer, batch, head, q, k]
+    return pattern.diagonal(offset=-(seq_len - 1), dim1=-2, dim2=-1)[..., 1:].mean((1, -1))
+
+
+@dataclass
+class TokenProbabilities:
+    """For each position p >= 1 of a sequence: the probability the model gave the token at p (from position
+    p - 1), and its top-k alternatives there."""
+
+    probs: Float[Tensor, "pos_minus_1"]
+    top_tokens: Int[Tensor, "pos_minus_1 k"]
+    top_probs: Float[Tensor, "pos_minus_1 k"]
+
+
+@torch.inference_mode()
+def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int = 10) -> TokenProbabilities:
+    probs = model(tokens[None])[0, :-1].float().softmax(-1)
+    top_probs, top_tokens = probs.topk(k, dim=-1)
+    return TokenProbabilities(probs.gather(-1, tokens[1:, None].to(probs.device))[:, 0], top_tokens, top_probs)
