@@ -33,7 +33,7 @@ def test_head_scores_on_hand_made_patterns():
     first[:, 0] = 1
     pattern = torch.stack([prev, first])[None]  # [layer 1, head 2, q, k]
     assert previous_token_scores(pattern)[0].tolist() == pytest.approx([1.0, 1 / (pos - 1)])  # row 1 of "first" is both
-    assert first_token_scores(pattern).tolist() == [[1 / pos, 1.0]]
+    assert first_token_scores(pattern)[0].tolist() == pytest.approx([2 / pos, 1.0])  # rows 0 and 1 of "prev"
     tokens = torch.tensor([5, 6, 7, 5, 6, 8])
     assert induction_targets(tokens) == [None, None, None, 1, 2, None]
     induction = torch.zeros(pos, pos)
