@@ -96,6 +96,34 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
     return rows
 
 
+def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int = 40, reps: int = 5) -> dict:
+    """Milliseconds of the explorer's model work for one prompt (`sslens.lens.explore`: greedy continuation, cached
+    run, logit lens, head scores, token probabilities), median of `reps` after a warm-up; and without generation."""
+    from .lens import explore
+
+    model = HookedLlama.from_preset(preset, seed=0).eval()
+    model.tokenizer = placeholder_tokenizer(model.cfg.d_vocab)
+    gen = torch.Generator().manual_seed(0)
+    prompt = " ".join(f"t{i}" for i in torch.randint(2, model.cfg.d_vocab, (prompt_tokens,), generator=gen).tolist())
+    result = {}
+    for name, new in (("explorer_ms", max_new_tokens), ("explorer_no_generation_ms", 0)):
+        explore(model, prompt, new, temperature=0)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            explore(model, prompt, new, temperature=0)
+            times.append(time.perf_counter() - start)
+        result[name] = {"ms": 1000 * statistics.median(times), "goal_ms": 300.0 if new else None,
+                        "prompt_tokens": prompt_tokens, "new_tokens": new}
+    return result
+
+
+def format_explorer(result: dict) -> str:
+    return "\n".join(f"{name:<34}{r['ms']:>10,.0f} ms  ({r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens"
+                     + (f"; goal <= {r['goal_ms']:.0f} ms [{'ok' if r['ms'] <= r['goal_ms'] else 'MISSED'}])" if r["goal_ms"] else ")")
+                     for name, r in result.items())
+
+
 def _train_step(model: torch.nn.Module, logits_of: Callable, x: torch.Tensor, y: torch.Tensor,
                 amp: torch.dtype | None) -> Callable[[], None]:
     """One full training step (forward, loss, backward, AdamW step) as the trainer runs it."""

@@ -7,6 +7,7 @@ so it is complete or absent.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -104,6 +105,44 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> HookedLlama:
     if (run_dir / "tokenizer.json").is_file():
         model.tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     return model.eval()
+
+
+def find_models(root: str | Path, depth: int = 3) -> list[str]:
+    """Model directories under `root` (at most `depth` levels down), as paths relative to it: sslens runs
+    (config.yaml) and HF-format Llama directories (config.json). Runs are not searched inside."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if here != root and ("config.yaml" in filenames or "config.json" in filenames):
+            found.append(here.relative_to(root).as_posix())
+            dirnames.clear()
+        elif len(here.relative_to(root).parts) >= depth:
+            dirnames.clear()
+        dirnames.sort()
+    return sorted(found)
+
+
+def resolve_model(root: str | Path, name: str) -> Path:
+    """`root / name`, refusing names that could leave `root` (absolute paths, `..`, links pointing outside)."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise SSLensError(f"{name!r} is not a model name inside the runs root")
+    path = (Path(root) / name).resolve()
+    if not path.is_relative_to(Path(root).resolve()):
+        raise SSLensError(f"{name!r} points outside the runs root")
+    return path
+
+
+def tokens_seen(run_dir: str | Path) -> dict[int, int]:
+    """Training tokens seen at each saved step, from metrics.jsonl (every checkpoint step is logged)."""
+    seen = {0: 0}
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                seen[record["step"]] = record["tokens"]
+    return {step: seen[step] for step in saved_steps(run_dir) if step in seen}
 
 
 def load_trainer_state(run_dir: Path, step: int) -> dict:

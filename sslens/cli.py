@@ -35,7 +35,8 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import as_json, bench_data, bench_generate, bench_model, bench_train, format_data, format_rows
+    from .bench import (as_json, bench_data, bench_explorer, bench_generate, bench_model, bench_train, format_data,
+                        format_explorer, format_rows)
 
     _no_extra(overrides)
     torch.manual_seed(0)
@@ -47,9 +48,11 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
         rows += bench_generate(args.preset, reps=max(1, args.reps // 2))
         rows += bench_train(("1.25M", args.preset) if args.preset != "1.25M" else ("1.25M",), args.batch, args.seq,
                             max(2, args.reps // 2))
-        result = as_json(rows)
+        explorer = bench_explorer(args.preset, reps=max(1, args.reps // 2))
+        result = as_json(rows) | explorer
         print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
                                 f"{torch.get_num_threads()} threads, median of {args.reps} interleaved runs"))
+        print(format_explorer(explorer))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -12,7 +12,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from .errors import SSLensError
 from .model import HookedLlama
+from .tokenizer import encode
 
 
 @dataclass
@@ -118,3 +120,40 @@ def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int =
     probs = model(tokens[None])[0, :-1].float().softmax(-1)
     top_probs, top_tokens = probs.topk(k, dim=-1)
     return TokenProbabilities(probs.gather(-1, tokens[1:, None].to(probs.device))[:, 0], top_tokens, top_probs)
+
+
+@torch.inference_mode()
+def explore(model: HookedLlama, prompt: str, max_new_tokens: int = 40, **sampling) -> dict:
+    """One prompt as the explorer shows it, as plain data: the continuation with each new token's probability
+    and top-10 alternatives; every layer's attention pattern and head scores; the logit lens. Token strings are
+    the tokenizer's (word pieces keep their "##")."""
+    tok = model.tokenizer
+    if tok is None:
+        raise SSLensError("this model has no tokenizer attached, so it cannot read a prompt")
+    ids = encode(tok, prompt, eos=False)
+    if not ids:
+        raise SSLensError("the prompt has no tokens; type some words")
+    if len(ids) >= model.cfg.n_ctx:
+        raise SSLensError(f"the prompt is {len(ids)} tokens; this model's context is {model.cfg.n_ctx}")
+    sample = model.generate([ids], max_new_tokens, **sampling)[0]
+    tokens = torch.tensor(ids, device=model.W_E.device)
+    _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern")))
+    lens = logit_lens(model, tokens, k=5, cache=cache)
+    probs = token_probabilities(model, torch.tensor(ids + sample.tokens, device=tokens.device), k=10)
+    new = slice(len(ids) - 1, None)
+    decode = tok.id_to_token
+    return {
+        "prompt_tokens": [decode(t) for t in ids],
+        "new_tokens": [decode(t) for t in sample.tokens],
+        "text": sample.text,
+        "new_probs": probs.probs[new].tolist(),
+        "alternatives": [[(decode(t), p) for t, p in zip(ts, ps)]
+                         for ts, ps in zip(probs.top_tokens[new].tolist(), probs.top_probs[new].tolist())],
+        "pattern": cache.stack_activation("pattern")[:, 0].cpu().numpy(),  # [layer, head, q, k]
+        "heads": {name: v.cpu().numpy() for name, v in head_summaries(model, tokens, cache=cache).items()},
+        "lens_labels": lens.labels,
+        "lens_top_tokens": [[[decode(t) for t in ks] for ks in row] for row in lens.top_tokens.tolist()],
+        "lens_top_probs": lens.top_probs.cpu().numpy(),
+        "lens_target_probs": lens.target_probs.cpu().numpy(),
+        "lens_target_ranks": lens.target_ranks.cpu().numpy(),
+    }

@@ -34,6 +34,14 @@ def test_generate_rows_on_a_tiny_run():
     assert all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
 
 
+def test_explorer_timing():
+    from sslens.bench import bench_explorer, format_explorer
+
+    result = bench_explorer("1.25M", prompt_tokens=8, max_new_tokens=3, reps=1)
+    assert result["explorer_ms"]["ms"] > 0 and result["explorer_ms"]["goal_ms"] == 300
+    assert "explorer_no_generation_ms" in format_explorer(result)
+
+
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "sslens.cli", "bench", "--preset", "1.25M", "--batch", "1", "--seq", "8",
@@ -41,4 +49,5 @@ def test_cli_bench_writes_json(tmp_path):
     assert "forward_nohooks_vs_hf" in r.stdout and "cache_vs_tl_bridge" in r.stdout
     assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "generate_b1_vs_hf",
                                                 "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M",
-                                                "train_fp32_compiled_vs_hf_1.25M"}
+                                                "train_fp32_compiled_vs_hf_1.25M", "explorer_ms",
+                                                "explorer_no_generation_ms"}

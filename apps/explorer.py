@@ -1,0 +1,159 @@
+"""The sslens explorer: one prompt seen through generation, attention and the logit lens, across checkpoints.
+
+    streamlit run apps/explorer.py [-- --runs DIR]      (or SSLENS_RUNS=DIR; default ./runs)
+
+All model work goes through the sslens API (load_model, generate, run_with_cache, sslens.lens); results are cached
+per (model, checkpoint, prompt, settings), so moving the slider back is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import sys
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from sslens import SSLensError, load_model
+from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
+from sslens.lens import explore
+
+
+PLOT_CONFIG = {"displayModeBar": False}
+
+
+def runs_root() -> Path:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", default=os.environ.get("SSLENS_RUNS", "runs"))
+    return Path(parser.parse_known_args(sys.argv[1:])[0].runs)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def model_at(path: str, step: int | None):
+    return load_model(path, step=step)
+
+
+@st.cache_data(max_entries=64, show_spinner="Running the model ...")
+def analyse(path: str, step: int | None, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+            seed: int) -> dict:
+    """Everything the three panels show, as plain data (see sslens.lens.explore)."""
+    return explore(model_at(path, step), prompt, max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
+
+
+def spaced(token: str) -> tuple[str, str]:
+    """A WordPiece token as (the space before it, its text): "##" pieces join the word before them."""
+    return ("", token[2:]) if token.startswith("##") else (" ", token)
+
+
+def generation_panel(result: dict) -> None:
+    st.subheader("Generation")
+    spans = [f"{spaced(t)[0]}<span title='p={p:.3f}' style='background: rgba(46, 139, 87, {p:.2f})'>"
+             f"{html.escape(spaced(t)[1])}</span>" for t, p in zip(result["new_tokens"], result["new_probs"])]
+    prompt = "".join(space + html.escape(text) for space, text in map(spaced, result["prompt_tokens"])).strip()
+    st.markdown(f"**{prompt}**" + "".join(spans), unsafe_allow_html=True)
+    st.caption("Each new token is shaded by the probability the model gave it (darker = more likely).")
+    if result["new_tokens"]:
+        choice = st.selectbox("Token", range(len(result["new_tokens"])), key="token",
+                              format_func=lambda i: f"{i + 1}: {result['new_tokens'][i]} (p={result['new_probs'][i]:.3f})")
+        st.dataframe([{"token": t, "probability": round(p, 4)} for t, p in result["alternatives"][choice]],
+                     hide_index=True, width="stretch")
+
+
+def attention_panel(result: dict) -> None:
+    st.subheader("Attention")
+    pattern = result["pattern"]
+    labels = [f"{i}:{t}" for i, t in enumerate(result["prompt_tokens"])]
+    layer = st.selectbox("Layer", range(pattern.shape[0]), key="layer")
+    head = st.selectbox("Head", range(pattern.shape[1]), key="head")
+    fig = go.Figure(go.Heatmap(z=pattern[layer, head], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
+    fig.update_layout(title=f"L{layer}H{head}", yaxis_autorange="reversed", height=420, margin=dict(t=40, b=0))
+    st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="pattern")
+    n_heads = pattern.shape[1]
+    grid = make_subplots(rows=1, cols=n_heads, subplot_titles=[f"H{h}" for h in range(n_heads)])
+    for h in range(n_heads):
+        grid.add_trace(go.Heatmap(z=pattern[layer, h], colorscale="Blues", zmin=0, zmax=1, showscale=False), 1, h + 1)
+    grid.update_yaxes(autorange="reversed", showticklabels=False)
+    grid.update_xaxes(showticklabels=False)
+    grid.update_layout(height=220, margin=dict(t=30, b=0))
+    st.plotly_chart(grid, width="stretch", config=PLOT_CONFIG, key="grid")
+    summary = st.selectbox("Head scores", list(result["heads"]), key="summary")
+    scores = result["heads"][summary]
+    fig = go.Figure(go.Heatmap(z=scores, x=[f"H{h}" for h in range(scores.shape[1])],
+                               y=[f"L{l}" for l in range(scores.shape[0])], colorscale="Viridis"))
+    fig.update_layout(yaxis_autorange="reversed", height=260, margin=dict(t=10, b=0))
+    st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="summary_plot")
+
+
+def logit_lens_panel(result: dict) -> None:
+    st.subheader("Logit lens")
+    positions = [f"{i}:{t}" for i, t in enumerate(result["prompt_tokens"])]
+    top = result["lens_top_tokens"]
+    hover = [[", ".join(f"{t} {p:.2f}" for t, p in zip(top[l][i], result["lens_top_probs"][l][i]))
+              for i in range(len(positions))] for l in range(len(top))]
+    fig = go.Figure(go.Heatmap(z=result["lens_top_probs"][:, :, 0], x=positions, y=result["lens_labels"],
+                               text=[[row[i][0] for i in range(len(positions))] for row in top], texttemplate="%{text}",
+                               customdata=hover, hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
+                               colorscale="Oranges", zmin=0, zmax=1))
+    fig.update_layout(title="top-1 probability (text: top-1 token)", height=380, margin=dict(t=40, b=0))
+    st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="lens")
+    if len(positions) > 1:
+        fig = go.Figure(go.Heatmap(z=result["lens_target_probs"], x=positions[1:], y=result["lens_labels"],
+                                   text=result["lens_target_ranks"], texttemplate="%{text}", colorscale="Greens",
+                                   zmin=0, zmax=1, hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>"))
+        fig.update_layout(title="the actual next token: probability (text: rank)", height=380, margin=dict(t=40, b=0))
+        st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
+
+
+def main() -> None:
+    st.set_page_config(page_title="sslens explorer", layout="wide")
+    root = runs_root()
+    st.sidebar.title("sslens explorer")
+    st.sidebar.caption(f"runs root: {root}")
+    names = find_models(root) if root.is_dir() else []
+    if not names:
+        st.info(f"No runs under {root}. Train one (`sslens train 5M --data=synth ...`) or point the explorer at a "
+                "directory of runs: `streamlit run apps/explorer.py -- --runs DIR` or SSLENS_RUNS=DIR.")
+        return
+    name = st.sidebar.selectbox("Run", names, key="run")
+    try:
+        path = resolve_model(root, name)
+        steps = saved_steps(path) if (path / "config.yaml").is_file() else []
+        if (path / "config.yaml").is_file() and not steps:
+            raise SSLensError(f"{name} has no checkpoints yet")
+    except SSLensError as e:
+        st.warning(str(e))
+        return
+    step = None
+    if len(steps) > 1:
+        seen = tokens_seen(path)
+        step = st.sidebar.select_slider("Checkpoint", options=steps, value=steps[-1], key="step",
+                                        format_func=lambda s: f"step {s} ({seen.get(s, 0):,} tokens)")
+    elif steps:
+        step = steps[0]
+    prompt = st.sidebar.text_area("Prompt", "Once upon a time, there was a little", key="prompt")
+    max_new_tokens = st.sidebar.slider("New tokens", 0, 200, 40, key="max_new_tokens")
+    temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.1, key="temperature")
+    top_k = st.sidebar.number_input("Top-k (0 = all)", 0, 4096, 40, key="top_k")
+    seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 0, key="seed")
+    if not prompt.strip():
+        st.info("Type a prompt in the sidebar.")
+        return
+    try:
+        result = analyse(str(path), step, prompt, max_new_tokens, temperature, int(top_k), int(seed))
+    except SSLensError as e:
+        st.error(str(e))
+        return
+    left, middle, right = st.columns(3)
+    with left:
+        generation_panel(result)
+    with middle:
+        attention_panel(result)
+    with right:
+        logit_lens_panel(result)
+
+
+main()

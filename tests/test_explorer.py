@@ -1,0 +1,153 @@
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sslens import SSLensError, load_model
+from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
+from sslens.lens import logit_lens, token_probabilities
+
+pytest.importorskip("streamlit", reason="the explorer needs the app extra: pip install -e '.[app]'")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "explorer.py"
+
+
+def start(root: Path, monkeypatch) -> AppTest:
+    monkeypatch.setenv("SSLENS_RUNS", str(root))
+    return AppTest.from_file(str(APP), default_timeout=120).run()
+
+
+def z_of(trace: dict) -> np.ndarray:
+    """A heatmap's values from plotly JSON (plain lists, or plotly's base64 typed arrays)."""
+    z = trace["z"]
+    if isinstance(z, dict):
+        shape = [int(n) for n in str(z.get("shape", "-1")).split(",")]
+        return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
+    return np.asarray(z, dtype=float)
+
+
+def test_finding_and_resolving_models(tiny_run, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_run, root / "group" / "tiny")
+    load_model(tiny_run).save_hf(root / "hf-model")
+    (root / "notes").mkdir()
+    assert find_models(root) == ["group/tiny", "hf-model"]
+    assert resolve_model(root, "group/tiny") == (root / "group" / "tiny").resolve()
+    for bad in ["../x", "group/../../x", str(tmp_path)]:
+        with pytest.raises(SSLensError, match="runs root"):
+            resolve_model(root, bad)
+    (root / "escape").symlink_to(tmp_path)
+    with pytest.raises(SSLensError, match="points outside the runs root"):
+        resolve_model(root, "escape")
+    seen = tokens_seen(tiny_run)
+    assert list(seen) == saved_steps(tiny_run) and seen[0] == 0 and seen[4] == 4 * 16 * 128
+
+
+def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monkeypatch):
+    at = start(tiny_run.parent, monkeypatch)
+    assert not at.exception and at.selectbox(key="run").value == "tiny"
+    assert at.select_slider(key="step").value == saved_steps(tiny_run)[-1]
+    at.text_area(key="prompt").input("the little dog ran to the tree and").run()
+    at.select_slider(key="step").set_value(64).run()
+    at.selectbox(key="layer").set_value(1).run()
+    at.selectbox(key="head").set_value(2).run()
+    assert not at.exception and not at.error
+
+    model = load_model(tiny_run, step=64)
+    ids = model.tokenizer.encode("the little dog ran to the tree and", add_special_tokens=False).ids
+    sample = model.generate([ids], 40, temperature=0, top_k=40, seed=0)[0]
+    _, cache = model.run_with_cache(torch.tensor([ids]))
+    charts = [json.loads(el.proto.spec)["data"] for el in at.get("plotly_chart")]
+    pattern, grid, summary, lens, target = charts
+    np.testing.assert_allclose(z_of(pattern[0]), cache["blocks.1.attn.hook_pattern"][0, 2].numpy(), atol=1e-6)
+    assert len(grid) == model.cfg.n_heads
+    expected_lens = logit_lens(model, torch.tensor(ids))
+    np.testing.assert_allclose(z_of(lens[0]), expected_lens.top_probs[:, :, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(z_of(target[0]), expected_lens.target_probs.numpy(), atol=1e-6)
+    shown = at.markdown[0].value
+    assert all(model.tokenizer.id_to_token(t) in shown for t in sample.tokens)
+    probs = token_probabilities(model, torch.tensor(ids + sample.tokens), k=10)
+    table = at.dataframe[0].value
+    assert table["token"].tolist() == [model.tokenizer.id_to_token(t) for t in probs.top_tokens[len(ids) - 1].tolist()]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty root", "No runs under"),
+    ("no checkpoints", "has no checkpoints yet"),
+    ("truncated checkpoint", "unreadable"),
+    ("long prompt", "this model's context is 128"),
+    ("empty prompt", "Type a prompt"),
+])
+def test_bad_input_gives_a_message_not_a_traceback(case, message, tiny_run, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    if case == "no checkpoints":
+        (root / "fresh").mkdir()
+        shutil.copy(tiny_run / "config.yaml", root / "fresh" / "config.yaml")
+    elif case != "empty root":
+        shutil.copytree(tiny_run, root / "tiny")
+    if case == "truncated checkpoint":
+        newest = root / "tiny" / "checkpoints" / f"step_{saved_steps(tiny_run)[-1]:07d}" / "model.safetensors"
+        newest.write_bytes(newest.read_bytes()[:1000])
+    at = start(root, monkeypatch)
+    if case == "long prompt":
+        at.text_area(key="prompt").input("the dog " * 100).run()
+    if case == "empty prompt":
+        at.text_area(key="prompt").input("   ").run()
+    assert not at.exception
+    shown = [e.value for e in (*at.info, *at.warning, *at.error)]
+    assert any(message in text for text in shown), shown
+
+
+@pytest.mark.slow
+def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
+    """`streamlit run` on a free local port, loaded in headless Chromium (Debian's chromium + chromium-driver,
+    driven by Selenium) until the three panels have drawn; the screenshot is kept as a test artifact."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("no browser: install Debian's chromium and chromium-driver (.ci/run does when it can use apt-get)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.address=127.0.0.1",
+                               f"--server.port={port}", "--server.headless=true", "--browser.gatherUsageStats=false",
+                               "--", "--runs", str(tiny_run.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1700,1100"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(chromedriver), options=options)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                browser.get(f"http://127.0.0.1:{port}")
+                break
+            except Exception:  # the server is still starting
+                time.sleep(1)
+        WebDriverWait(browser, 180).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5)
+        text = browser.find_element(By.TAG_NAME, "body").text
+        artifacts = Path(os.environ.get("SSLENS_TEST_ARTIFACTS", tmp_path))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(artifacts / "explorer.png"))
+        assert {"Generation", "Attention", "Logit lens"} <= set(text.splitlines())
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]') and "Traceback" not in text
+        assert (artifacts / "explorer.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
