@@ -39,9 +39,10 @@ def model_at(path: str, step: int | None):
 
 @st.cache_data(max_entries=64, show_spinner="Running the model ...")
 def analyse(path: str, step: int | None, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-            seed: int) -> dict:
+            top_p: float, seed: int) -> dict:
     """Everything the three panels show, as plain data (see sslens.lens.explore)."""
-    return explore(model_at(path, step), prompt, max_new_tokens, temperature=temperature, top_k=top_k or None, seed=seed)
+    return explore(model_at(path, step), prompt, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                   top_p=top_p if top_p < 1 else None, seed=seed)
 
 
 def spaced(token: str) -> tuple[str, str]:
@@ -138,13 +139,14 @@ def main() -> None:
     max_new_tokens = st.sidebar.slider("New tokens", 0, 200, 40, key="max_new_tokens")
     temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.1, key="temperature")
     top_k = st.sidebar.number_input("Top-k (0 = all)", 0, 4096, 40, key="top_k")
+    top_p = st.sidebar.slider("Top-p (1 = all)", 0.05, 1.0, 1.0, 0.05, key="top_p")
     seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 0, key="seed")
     if not prompt.strip():
         st.info("Type a prompt in the sidebar.")
         return
     try:
-        result = analyse(str(path), step, prompt, max_new_tokens, temperature, int(top_k), int(seed))
-    except SSLensError as e:
+        result = analyse(str(path), step, prompt, max_new_tokens, temperature, int(top_k), top_p, int(seed))
+    except (SSLensError, OSError) as e:
         st.error(str(e))
         return
     left, middle, right = st.columns(3)

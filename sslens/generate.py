@@ -93,6 +93,20 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
         logits = model(next_tokens[:, None], past_kv_cache=cache)[:, -1]
 
 
+def prompt_ids(model: HookedLlama, prompt: str) -> list[int]:
+    """A text prompt's token ids (no [EOS]), refusing what cannot be continued: no tokenizer, no tokens, or no
+    room left in the context."""
+    if model.tokenizer is None:
+        raise SSLensError("this model has no tokenizer attached; pass token ids instead of text")
+    ids = encode(model.tokenizer, prompt, eos=False)
+    if not ids:
+        raise SSLensError("empty prompt: give at least one word")
+    if len(ids) >= model.cfg.n_ctx:
+        raise SSLensError(f"the prompt is {len(ids)} tokens; the context is {model.cfg.n_ctx}, so at most "
+                          f"{model.cfg.n_ctx - 1} leave room to generate")
+    return ids
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
     """Prompts of different lengths as one batch, padded on the left, and the attention mask (0 at padding)."""
     width = max(len(p) for p in prompts)
@@ -114,11 +128,7 @@ def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequenc
         prompts = [prompts]
     if not prompts:
         raise SSLensError("no prompts given")
-    if isinstance(prompts[0], str) and tok is None:
-        raise SSLensError("this model has no tokenizer attached; pass token ids instead of strings")
-    ids = [encode(tok, p, eos=False) if isinstance(p, str) else list(p) for p in prompts for _ in range(num_samples)]
-    if any(not p for p in ids):
-        raise SSLensError("empty prompt: give at least one word")
+    ids = [prompt_ids(model, p) if isinstance(p, str) else list(p) for p in prompts for _ in range(num_samples)]
     eos = eos_id(tok) if (stop_at_eos and tok is not None and tok.token_to_id("[EOS]") is not None) else None
     tokens, mask = left_pad(ids, pad=eos or 0)
     device = model.W_E.device
@@ -148,24 +158,20 @@ def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temp
                 generator: torch.Generator | None = None) -> Iterator[str]:
     """Continue one prompt, yielding text as it is produced, whole words at a time (a later word piece or
     punctuation can change how the end of the text decodes, so the unfinished word is held back)."""
+    ids = prompt_ids(model, prompt)
     tok = model.tokenizer
-    if tok is None:
-        raise SSLensError("this model has no tokenizer attached, so it cannot continue text")
-    prompt_ids = encode(tok, prompt, eos=False)
-    if not prompt_ids:
-        raise SSLensError("empty prompt: give at least one word")
     eos = tok.token_to_id("[EOS]")
     new: list[int] = []
     shown = ""
-    steps = stream(model, torch.tensor([prompt_ids], device=model.W_E.device), max_new_tokens=max_new_tokens,
+    steps = stream(model, torch.tensor([ids], device=model.W_E.device), max_new_tokens=max_new_tokens,
                    temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos)
     for token, _ in steps:
         new.append(int(token))
-        text = continuation_text(tok, prompt_ids, new)
+        text = continuation_text(tok, ids, new)
         done = text[:text.rfind(" ") + 1]
         if done.startswith(shown) and len(done) > len(shown):
             yield done[len(shown):]
             shown = done
-    text = continuation_text(tok, prompt_ids, new)
+    text = continuation_text(tok, ids, new)
     if text.startswith(shown) and len(text) > len(shown):
         yield text[len(shown):]

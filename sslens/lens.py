@@ -12,9 +12,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
-from .errors import SSLensError
+from .generate import prompt_ids
 from .model import HookedLlama
-from .tokenizer import encode
 
 
 @dataclass
@@ -127,14 +126,8 @@ def explore(model: HookedLlama, prompt: str, max_new_tokens: int = 40, **samplin
     """One prompt as the explorer shows it, as plain data: the continuation with each new token's probability
     and top-10 alternatives; every layer's attention pattern and head scores; the logit lens. Token strings are
     the tokenizer's (word pieces keep their "##")."""
+    ids = prompt_ids(model, prompt)
     tok = model.tokenizer
-    if tok is None:
-        raise SSLensError("this model has no tokenizer attached, so it cannot read a prompt")
-    ids = encode(tok, prompt, eos=False)
-    if not ids:
-        raise SSLensError("the prompt has no tokens; type some words")
-    if len(ids) >= model.cfg.n_ctx:
-        raise SSLensError(f"the prompt is {len(ids)} tokens; this model's context is {model.cfg.n_ctx}")
     sample = model.generate([ids], max_new_tokens, **sampling)[0]
     tokens = torch.tensor(ids, device=model.W_E.device)
     _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern")))

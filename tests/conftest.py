@@ -1,4 +1,5 @@
 import os
+import socket
 import tempfile
 
 # No test may reach the network: the hub clients read these when first imported, so set them before sslens.
@@ -35,6 +36,12 @@ def small_model() -> HookedLlama:
             if name.endswith(".w"):
                 p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(hash(name) % 2**31))
     return model
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def random_tokens(batch: int, pos: int, vocab: int = 4096, seed: int = 0) -> torch.Tensor:

@@ -2,7 +2,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
@@ -85,7 +85,7 @@ def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monk
     ("empty root", "No runs under"),
     ("no checkpoints", "has no checkpoints yet"),
     ("truncated checkpoint", "unreadable"),
-    ("long prompt", "this model's context is 128"),
+    ("long prompt", "the context is 128"),
     ("empty prompt", "Type a prompt"),
 ])
 def test_bad_input_gives_a_message_not_a_traceback(case, message, tiny_run, tmp_path, monkeypatch):
@@ -120,9 +120,7 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.address=127.0.0.1",
                                f"--server.port={port}", "--server.headless=true", "--browser.gatherUsageStats=false",
                                "--", "--runs", str(tiny_run.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -11,7 +11,7 @@ import torch
 from conftest import random_tokens
 
 from sslens import SSLensError, load_model
-from sslens.generate import generate, left_pad, sample_tokens, stream
+from sslens.generate import left_pad, sample_tokens, stream
 from sslens.model import KVCache
 
 PROMPTS = ["once upon a time", "the little dog ran to the big tree and", "mia", "a storm came over the hills"]

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -7,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 from sslens import SSLensError, load_model
@@ -26,6 +28,13 @@ def tiny(tmp_path, *extra, name="run"):
 
 def metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def torchrun_train(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node=2 -m sslens train 1.25M ARGS` on CPU, one thread per process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                           f"--master-port={free_port()}", "-m", "sslens", "train", "1.25M", *args], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
 
 def test_checkpoint_schedules():
@@ -154,22 +163,13 @@ def test_flops_per_token_matches_torch_flop_counter(preset):
 @pytest.mark.slow
 def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
     """torchrun, 2 CPU processes (gloo) x batch 2 against 1 process x batch 4: the same losses, step by step."""
-    import os
-    import socket
-
     from sslens.data import load_stories
     from sslens.tokenizer import save_tokenizer, train_tokenizer
 
     save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
     common = [*TINY, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}"]
     single = train(*tiny(tmp_path, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}", "--batch_size=4", name="single"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                        f"--master-port={port}", "-m", "sslens", "train", "1.25M", *common, "--batch_size=2",
-                        f"--out_dir={tmp_path / 'ddp'}"], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    r = torchrun_train(*common, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ddp, ref = metrics(tmp_path / "ddp"), metrics(single)
     assert [m["step"] for m in ddp] == [m["step"] for m in ref] and ddp[-1]["tokens"] == ref[-1]["tokens"]
@@ -181,17 +181,8 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
 def test_ddp_ranks_exit_together_when_rank0_refuses(tmp_path):
     """An existing run without --resume: rank 0 refuses, and rank 1 gets the same error instead of waiting for rank 0
     at a barrier until the process-group timeout."""
-    import os
-    import socket
-
     train(*tiny(tmp_path, "--max_steps=2"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                        f"--master-port={port}", "-m", "sslens", "train", "1.25M", *TINY, "--max_steps=2",
-                        f"--out_dir={tmp_path / 'run'}"], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    r = torchrun_train(*TINY, "--max_steps=2", f"--out_dir={tmp_path / 'run'}", timeout=120)
     assert r.returncode != 0 and r.stderr.count("already holds a run") == 2, r.stderr[-2000:]
 
 
