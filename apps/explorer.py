@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
-from sslens.lens import explore
+from sslens.lens import EXPLORE_NEW_TOKENS, explore
 
 
 PLOT_CONFIG = {"displayModeBar": False}
@@ -136,7 +136,7 @@ def main() -> None:
     elif steps:
         step = steps[0]
     prompt = st.sidebar.text_area("Prompt", "Once upon a time, there was a little", key="prompt")
-    max_new_tokens = st.sidebar.slider("New tokens", 0, 200, 40, key="max_new_tokens")
+    max_new_tokens = st.sidebar.slider("New tokens", 0, 200, EXPLORE_NEW_TOKENS, key="max_new_tokens")
     temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.1, key="temperature")
     top_k = st.sidebar.number_input("Top-k (0 = all)", 0, 4096, 40, key="top_k")
     top_p = st.sidebar.slider("Top-p (1 = all)", 0.05, 1.0, 1.0, 0.05, key="top_p")

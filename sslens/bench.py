@@ -96,11 +96,13 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
     return rows
 
 
-def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int = 40, reps: int = 5) -> dict:
+def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int | None = None, reps: int = 5) -> dict:
     """Milliseconds of the explorer's model work for one prompt (`sslens.lens.explore`: greedy continuation, cached
-    run, logit lens, head scores, token probabilities), median of `reps` after a warm-up; and without generation."""
-    from .lens import explore
+    run, logit lens, head scores, token probabilities) with the app's default continuation, median of `reps` after a
+    warm-up; and without generation."""
+    from .lens import EXPLORE_NEW_TOKENS, explore
 
+    max_new_tokens = EXPLORE_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     model = HookedLlama.from_preset(preset, seed=0).eval()
     model.tokenizer = placeholder_tokenizer(model.cfg.d_vocab)
     gen = torch.Generator().manual_seed(0)

@@ -121,8 +121,11 @@ def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int =
     return TokenProbabilities(probs.gather(-1, tokens[1:, None].to(probs.device))[:, 0], top_tokens, top_probs)
 
 
+EXPLORE_NEW_TOKENS = 20  # the explorer's default continuation: long enough to read, short enough to stay interactive
+
+
 @torch.inference_mode()
-def explore(model: HookedLlama, prompt: str, max_new_tokens: int = 40, **sampling) -> dict:
+def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_TOKENS, **sampling) -> dict:
     """One prompt as the explorer shows it, as plain data: the continuation with each new token's probability
     and top-10 alternatives; every layer's attention pattern and head scores; the logit lens. Token strings are
     the tokenizer's (word pieces keep their "##")."""

@@ -14,7 +14,7 @@ from conftest import free_port
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
-from sslens.lens import logit_lens, token_probabilities
+from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
 
 pytest.importorskip("streamlit", reason="the explorer needs the app extra: pip install -e '.[app]'")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -65,7 +65,7 @@ def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monk
 
     model = load_model(tiny_run, step=64)
     ids = model.tokenizer.encode("the little dog ran to the tree and", add_special_tokens=False).ids
-    sample = model.generate([ids], 40, temperature=0, top_k=40, seed=0)[0]
+    sample = model.generate([ids], EXPLORE_NEW_TOKENS, temperature=0, top_k=40, seed=0)[0]
     _, cache = model.run_with_cache(torch.tensor([ids]))
     charts = [json.loads(el.proto.spec)["data"] for el in at.get("plotly_chart")]
     pattern, grid, summary, lens, target = charts
