@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .errors import SSLensError
 from .model import HookedLlama, KVCache
-from .tokenizer import encode, eos_id
+from .tokenizer import EOS, encode
 
 
 @dataclass
@@ -81,14 +81,15 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
     cache = KVCache(model.cfg, batch, model.W_E.device, model.W_E.dtype)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
-    for step in range(min(max_new_tokens, model.cfg.n_ctx - pos)):
+    steps = min(max_new_tokens, model.cfg.n_ctx - pos)
+    for step in range(steps):
         next_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
         logprobs = logits.float().log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
         if eos is not None:
             next_tokens = next_tokens.masked_fill(finished, eos)
             finished |= next_tokens == eos
         yield next_tokens, logprobs
-        if bool(finished.all()) or step + 1 == min(max_new_tokens, model.cfg.n_ctx - pos):
+        if bool(finished.all()) or step + 1 == steps:
             return
         logits = model(next_tokens[:, None], past_kv_cache=cache)[:, -1]
 
@@ -129,7 +130,7 @@ def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequenc
     if not prompts:
         raise SSLensError("no prompts given")
     ids = [prompt_ids(model, p) if isinstance(p, str) else list(p) for p in prompts for _ in range(num_samples)]
-    eos = eos_id(tok) if (stop_at_eos and tok is not None and tok.token_to_id("[EOS]") is not None) else None
+    eos = tok.token_to_id(EOS) if stop_at_eos and tok is not None else None  # None: no [EOS] in the vocabulary
     tokens, mask = left_pad(ids, pad=eos or 0)
     device = model.W_E.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
@@ -160,7 +161,7 @@ def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temp
     punctuation can change how the end of the text decodes, so the unfinished word is held back)."""
     ids = prompt_ids(model, prompt)
     tok = model.tokenizer
-    eos = tok.token_to_id("[EOS]")
+    eos = tok.token_to_id(EOS)
     new: list[int] = []
     shown = ""
     steps = stream(model, torch.tensor([ids], device=model.W_E.device), max_new_tokens=max_new_tokens,

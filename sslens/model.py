@@ -326,7 +326,9 @@ class HookedLlama(HookedRootModule):
             return logits
         if return_type is None:
             return None
-        targets = tokens[:, 1:] if attention_mask is None else tokens[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+        targets = tokens[:, 1:]
+        if attention_mask is not None:  # a target counts only if it and the token predicting it are both real
+            targets = targets.masked_fill((attention_mask[:, 1:] * attention_mask[:, :-1]) == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return loss if return_type == "loss" else (logits, loss)
 

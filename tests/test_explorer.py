@@ -1,6 +1,8 @@
 import base64
+import html
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,11 +76,21 @@ def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monk
     expected_lens = logit_lens(model, torch.tensor(ids))
     np.testing.assert_allclose(z_of(lens[0]), expected_lens.top_probs[:, :, 0].numpy(), atol=1e-6)
     np.testing.assert_allclose(z_of(target[0]), expected_lens.target_probs.numpy(), atol=1e-6)
-    shown = at.markdown[0].value
-    assert all(model.tokenizer.id_to_token(t) in shown for t in sample.tokens)
     probs = token_probabilities(model, torch.tensor(ids + sample.tokens), k=10)
+    spans = re.findall(r"<span title='p=([\d.]+)'[^>]*>(.*?)</span>", at.markdown[0].value)
+    assert [text for _, text in spans] == [html.escape(model.tokenizer.id_to_token(t).removeprefix("##"))
+                                          for t in sample.tokens]
+    assert [float(p) for p, _ in spans] == pytest.approx(probs.probs[len(ids) - 1:].tolist(), abs=1e-3)
     table = at.dataframe[0].value
     assert table["token"].tolist() == [model.tokenizer.id_to_token(t) for t in probs.top_tokens[len(ids) - 1].tolist()]
+
+
+def test_an_hf_model_directory_is_explored_without_a_slider(tiny_run, tmp_path, monkeypatch):
+    model = load_model(tiny_run)
+    model.save_hf(tmp_path / "root" / "exported")
+    at = start(tmp_path / "root", monkeypatch)
+    assert not at.exception and not at.error and not at.select_slider
+    assert at.selectbox(key="run").value == "exported" and len(at.get("plotly_chart")) == 5
 
 
 @pytest.mark.parametrize("case, message", [

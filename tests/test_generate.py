@@ -62,6 +62,16 @@ def test_left_padded_batch_gives_each_row_its_own_logits(model, explicit):
             torch.testing.assert_close(batched[row, -len(prompt):], alone, atol=1e-5, rtol=1e-5)
 
 
+def test_left_padded_loss_counts_only_real_predictions(small_model):
+    prompts = [random_tokens(1, n, seed=n)[0].tolist() for n in (9, 4)]
+    tokens, mask = left_pad(prompts, pad=0)
+    with torch.no_grad():
+        padded = small_model(tokens, "loss", attention_mask=mask)
+        alone = [small_model(torch.tensor([p]), "loss") for p in prompts]
+    expected = (alone[0] * 8 + alone[1] * 3) / 11  # each row's mean loss over its n - 1 predictions
+    torch.testing.assert_close(padded, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "pattern-hooked"])
 def test_feeding_a_kv_cache_in_pieces_equals_one_forward(small_model, explicit):
     tokens = random_tokens(2, 24)
