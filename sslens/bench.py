@@ -55,6 +55,13 @@ def compare(name: str, ours: Callable, peer_name: str, peer: Callable, tokens: i
                statistics.median(p / o for o, p in zip(t_ours, t_peer)), goal)
 
 
+def hf_twin(model: HookedLlama) -> LlamaForCausalLM:
+    """HF's LlamaForCausalLM with the same weights, loaded from our export as a user would load it."""
+    with tempfile.TemporaryDirectory() as export:
+        model.save_hf(export)
+        return LlamaForCausalLM.from_pretrained(export)
+
+
 def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 5) -> list[Row]:
     """Hook-free forward vs HF LlamaForCausalLM; full run_with_cache vs TransformerLens's TransformerBridge."""
     model = HookedLlama.from_preset(preset, seed=0).eval()
@@ -80,9 +87,7 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
     from .generate import generate
 
     model = HookedLlama.from_preset(preset, seed=0).eval()
-    with tempfile.TemporaryDirectory() as export:
-        model.save_hf(export)
-        hf = LlamaForCausalLM.from_pretrained(export).eval()
+    hf = hf_twin(model).eval()
     rows = []
     for batch in batches:
         prompt = torch.randint(2, model.cfg.d_vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
@@ -150,9 +155,7 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
         for dtype in dtypes:
             for compile_ in compiled:
                 model = HookedLlama.from_preset(preset, seed=0).train()
-                with tempfile.TemporaryDirectory() as export:
-                    model.save_hf(export)
-                    hf = LlamaForCausalLM.from_pretrained(export).train()
+                hf = hf_twin(model).train()
                 tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
                 x, y = tokens[:, :-1], tokens[:, 1:]
                 amp = None if dtype == torch.float32 else dtype
