@@ -61,3 +61,10 @@ def tiny_run(tmp_path_factory) -> Path:
         batch_size=16, max_steps=300, warmup_steps=20, lr=1e-2, val_every=100, log_every=10, data="synth:2000", dtype="float32",
         compile="false", out_dir=str(out))
     return train(model_cfg, cfg)
+
+
+def assert_column_major(model) -> None:
+    """Loading and training keep the weight layout that makes one-token steps fast (see model.column_major)."""
+    for name, p in model.named_parameters():
+        if p.ndim == 2:
+            assert p.stride() == (1, p.shape[0]), name

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from sslens import ConfigError, HookedLlama, SSLensError, load_model
 from sslens.tokenizer import placeholder_tokenizer
 
-from conftest import PRESETS, random_tokens, shared_file
+from conftest import PRESETS, assert_column_major, random_tokens, shared_file
 from test_config import ARCH
 
 
@@ -59,6 +59,7 @@ def test_hf_to_ours(name, tmp_path):
     tokens = random_tokens(2, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+    assert_column_major(ours)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import assert_column_major, free_port
 from safetensors.torch import load_file
 
 from sslens import SSLensError, load_model
@@ -68,6 +68,7 @@ def test_run_directory_and_loading(tmp_path):
     assert not torch.equal(newest.W_E, at4.W_E)
     assert torch.equal(load_model(run / "checkpoints" / "step_0000004").W_E, at4.W_E)
     assert newest.tokenizer is not None and newest.cfg.n_layers == 2
+    assert_column_major(newest)
     with pytest.raises(SSLensError, match="no checkpoint at step 3"):
         load_model(run, step=3)
 
