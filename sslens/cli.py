@@ -10,6 +10,8 @@ import time
 from .config import parse_overrides, preset_names
 from .errors import SSLensError
 
+DEFAULT_PROBE_HOOKS = ("hook_embed", "blocks.*.hook_resid_post")  # as sslens.probe.DEFAULT_HOOKS, without importing torch
+
 
 def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
@@ -81,6 +83,32 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
                            "logprobs": s.logprobs} for s in samples], indent=1))
     else:
         print("\n\n".join(args.prompt + s.text for s in samples))
+
+
+def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> None:
+    from pathlib import Path
+
+    from .probe import format_results, load_labelled, probe_steps, training_data, write_results
+
+    _no_extra(overrides)
+    data = args.data or training_data(args.model)
+    if data is None:
+        raise SSLensError(f"{args.model} is not a run directory; name the labelled stories with --data")
+    if args.steps == "all":
+        steps = "all"
+    else:
+        try:
+            steps = [int(s) for s in args.steps.split(",")] if args.steps else None
+        except ValueError:
+            raise SSLensError(f"--steps takes 'all' or step numbers like 0,64,1024, not {args.steps!r}") from None
+    stories, labels = load_labelled(data, args.label, args.split, args.max_stories, args.seed)
+    hooks = [h for h in args.hooks.split(",") if h]
+    results = probe_steps(args.model, steps, stories, labels, hooks, args.pool, args.seed, args.batch_size, progress=True)
+    out = Path(args.out or Path("probes") / f"{Path(args.model).resolve().name}-{args.label}-{args.pool}")
+    paths = write_results(results, out, {"model": str(args.model), "data": str(data), "split": args.split,
+                                         "label": args.label, "pool": args.pool, "stories": len(stories), "seed": args.seed})
+    print(format_results(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def interactive(model, settings: dict, generator) -> None:
@@ -182,6 +210,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--num_samples", type=int, default=1, help="continuations of --prompt, sampled as one batch")
     g.add_argument("--json", action="store_true", help="print tokens, text and per-token log-probs as JSON")
     g.set_defaults(run=cmd_generate)
+    pr = sub.add_parser("probe", help="linear probes: where (and when in training) a story label is decodable",
+                        description="For each hook (and checkpoint): a multinomial logistic-regression probe on pooled "
+                                    "activations, its accuracy, macro-F1, majority baseline and a control task. Writes "
+                                    "results.csv, results.json and accuracy.html.")
+    pr.add_argument("model", help="a run directory, a checkpoint directory, or an HF Llama directory")
+    pr.add_argument("--data", metavar="SRC", help="labelled stories: synth, synth:N, a hub dataset or a file "
+                                                  "(default: the run's training data)")
+    pr.add_argument("--label", required=True, help="the label column, e.g. theme, topic, style, feature")
+    pr.add_argument("--hooks", default=",".join(DEFAULT_PROBE_HOOKS), help="comma-separated hook names or globs")
+    pr.add_argument("--pool", choices=["mean", "last"], default="mean", help="a story's vector: mean over its tokens, or its last token")
+    pr.add_argument("--steps", help="'all' (every checkpoint of a run) or steps like 0,64,1024 (default: the newest)")
+    pr.add_argument("--max_stories", type=int, default=5000, help="a random sample of this many stories")
+    pr.add_argument("--split", default="train", help="the data split to read")
+    pr.add_argument("--batch_size", type=int, default=32)
+    pr.add_argument("--seed", type=int, default=0, help="story sample, splits and control labels")
+    pr.add_argument("--out", metavar="DIR", help="output directory (default: probes/MODEL-LABEL-POOL)")
+    pr.set_defaults(run=cmd_probe)
     b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
                                      "data: the embedded corpus and token pipeline")
     b.add_argument("--suite", choices=["model", "data"], default="model")

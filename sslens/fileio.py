@@ -18,6 +18,9 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file beside it, so `path` is never half-written."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
         f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # the permissions open() would give, not the temporary file's 0600
     try:
         atomic_replace(Path(f.name), path)
     except BaseException:

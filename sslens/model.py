@@ -314,11 +314,13 @@ class HookedLlama(HookedRootModule):
         *,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         past_kv_cache: KVCache | None = None,
+        stop_at_layer: int | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"] | Float[Tensor, ""] | tuple[Tensor, Tensor] | None:
         """Logits, or the mean next-token cross-entropy ("loss"), or both, as TransformerLens's forward.
 
         `attention_mask` (1 = token, 0 = left padding) lets prompts of different lengths share a batch;
         `past_kv_cache` continues the sequence it holds (see KVCache). Both leave a row's logits as if it ran alone.
+        `stop_at_layer=n` runs blocks 0 .. n-1 only and returns the residual stream (as TransformerLens).
         """
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -327,8 +329,10 @@ class HookedLlama(HookedRootModule):
             raise SSLensError(f"{start + tokens.shape[-1]} tokens exceed the context of {self.cfg.n_ctx}; truncate the input")
         ctx = self.attention_context(tokens.shape, start, attention_mask, past_kv_cache)
         x = self.hook_embed(self.embed(tokens))
-        for block in self.blocks:
+        for block in self.blocks[:stop_at_layer]:
             x = block(x, ctx)
+        if stop_at_layer is not None:
+            return x
         logits = F.linear(self.ln_final(x), self.embed.weight)
         if return_type == "logits":
             return logits

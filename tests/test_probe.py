@@ -1,0 +1,121 @@
+"""Metadata probes: the torch probe against scikit-learn, the harvest against run_with_cache, and the protocol on a
+trained run."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from sslens import SSLensError, load_model
+from sslens.probe import (control_labels, harvest, load_labelled, logistic_regression, probe_steps, resolve_hooks,
+                          split, story_tokens, story_type)
+
+
+def sslens(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_logistic_regression_is_scikit_learns(C):
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 8, generator=gen)
+    y = torch.randint(0, 5, (400,), generator=gen)
+    x = centres[y] + 1.5 * torch.randn(400, 8, generator=gen)
+    w = logistic_regression(x, y, 5, C, max_iter=1000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(x.numpy(), y.numpy())
+    ours = torch.softmax(x @ w[:-1] + w[-1], -1).numpy()
+    np.testing.assert_allclose(ours, oracle.predict_proba(x.numpy()), atol=2e-3)
+
+
+def test_harvest_equals_each_story_run_alone(tiny_run, tmp_path):
+    model = load_model(tiny_run)
+    stories, _ = load_labelled("synth:2000", "theme", max_stories=5)
+    tokens = story_tokens(model, ["Tom ran home.", *stories, "The small cat sat by the door and looked at the rain."])
+    assert len({len(t) for t in tokens}) > 1 and max(map(len, tokens)) == model.cfg.n_ctx  # padding and truncation
+    hooks = resolve_hooks(model, ["hook_embed", "blocks.0.*resid_post", "blocks.1.attn.hook_z"])
+    assert hooks == ["hook_embed", "blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]
+    for pool in ("mean", "last"):
+        got = harvest(model, tokens, hooks, pool, batch_size=3)
+        spilled = harvest(model, tokens, hooks, pool, batch_size=4, spill_dir=tmp_path)
+        for i, ids in enumerate(tokens):
+            _, cache = model.run_with_cache(torch.tensor([ids]))
+            for hook in hooks:
+                act = cache[hook][0].flatten(1)
+                expected = act.mean(0) if pool == "mean" else act[-1]
+                np.testing.assert_allclose(got[hook][i], expected.detach().numpy(), atol=1e-5)
+                np.testing.assert_allclose(spilled[hook][i], got[hook][i], atol=1e-5)
+        assert isinstance(spilled[hooks[0]], np.memmap) and (tmp_path / "hook_embed.npy").is_file()
+    # Only the layers needed are run: a harvest of the embedding alone must not reach block 0.
+    calls = []
+    handle = model.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    harvest(model, tokens, ["hook_embed"])
+    handle.remove()
+    assert calls == []
+
+
+def test_control_task_labels_are_per_story_type():
+    stories = ["Once upon a time.", "once, there was", "The end.", "Then it rained", "The cat"] * 20
+    labels = [str(i % 3) for i in range(len(stories))]
+    train, val, test = split(labels)
+    assert sorted([*train, *val, *test]) == list(range(len(stories))) and len(test) == 20
+    control = control_labels(stories, labels, train)
+    by_type = {}
+    for story, c in zip(stories, control):
+        by_type.setdefault(story_type(story), set()).add(c)
+    assert set(by_type) == {"once", "the", "then"} and all(len(v) == 1 for v in by_type.values())
+    assert set(control) <= set(labels)
+
+
+def test_theme_probe_on_a_trained_run(tiny_run, tmp_path):
+    """The protocol on the embedded corpus: after training, the best hook decodes theme far above the majority
+    baseline and above its control task; at step 0 no block does better than the token embedding alone."""
+    stories, labels = load_labelled("synth:2000", "theme")
+    results = probe_steps(tiny_run, [0, 300], stories, labels)
+    by_step = {s: {r.hook: r for r in results if r.step == s} for s in (0, 300)}
+    best = max(by_step[300].values(), key=lambda r: r.accuracy)
+    assert best.accuracy > 5 * best.majority and best.accuracy > best.control_accuracy + 0.1
+    at_init = by_step[0]
+    assert max(r.accuracy for h, r in at_init.items() if h != "hook_embed") <= at_init["hook_embed"].accuracy + 0.05
+    assert {r.n_classes for r in results} == {len(set(labels))} and all(r.n_train + r.n_test < 2000 for r in results)
+
+
+def test_probe_command(tiny_run, tmp_path):
+    out = tmp_path / "out"
+    done = sslens("probe", str(tiny_run), "--label", "style", "--steps", "0,300", "--max_stories", "400",
+                  "--hooks", "blocks.*.hook_resid_post", "--pool", "last", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("hook,step,accuracy") and len(rows) == 1 + 2 * 2
+    meta = json.loads((out / "results.json").read_text())
+    assert meta["data"] == "synth:2000" and meta["label"] == "style" and meta["pool"] == "last" and meta["stories"] == 400
+    assert [r["step"] for r in meta["results"]] == [0, 0, 300, 300]
+    assert "blocks.1.hook_resid_post" in done.stdout and "plotly" in (out / "accuracy.html").read_text()[:100_000]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--label", "colour"], "has no label column 'colour'; its columns: topic, theme"),
+    (["--label", "theme", "--hooks", "blocks.9.*"], "no hook matches blocks.9.*"),
+    (["--label", "theme", "--hooks", "blocks.0.attn.hook_pattern"], "not one vector per token"),
+    (["--label", "theme", "--steps", "last"], "--steps takes 'all' or step numbers"),
+    (["--label", "theme", "--steps", "3"], "no checkpoint at step 3"),
+    (["--label", "theme", "--data", "missing.parquet"], "data path missing.parquet not found"),
+])
+def test_probe_refusals(tiny_run, args, message):
+    done = sslens("probe", str(tiny_run), "--max_stories", "50", *args)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_probe_needs_data_for_a_model_outside_a_run(tmp_path):
+    from sslens import HookedLlama
+
+    HookedLlama.from_preset("1.25M").save_hf(tmp_path / "hf")
+    done = sslens("probe", str(tmp_path / "hf"), "--label", "theme")
+    assert done.returncode == 2 and "name the labelled stories with --data" in done.stderr
