@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: notebooks need no ipywidgets
 
 from .errors import SSLensError
 from .generate import left_pad

@@ -1,0 +1,29 @@
+"""The analysis notebooks run top to bottom against a run the tests train, and are committed without outputs."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ANALYSES = Path(__file__).resolve().parent.parent / "analyses"
+NOTEBOOKS = sorted(ANALYSES.glob("*.ipynb"))
+
+
+def test_notebooks_are_committed_without_outputs():
+    assert [p.name for p in NOTEBOOKS] == ["01_activation_cache.ipynb", "02_metadata_probes.ipynb",
+                                           "03_training_dynamics.ipynb"]
+    for path in NOTEBOOKS:
+        cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name}: strip its outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path, tiny_run, monkeypatch):
+    monkeypatch.setenv("SSLENS_RUN", str(tiny_run))
+    monkeypatch.setenv("SSLENS_MAX_STORIES", "1000")
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ANALYSES)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)  # its figures were drawn
