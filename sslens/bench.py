@@ -131,6 +131,36 @@ def format_explorer(result: dict) -> str:
                      for name, r in result.items())
 
 
+def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int = 3, fit_stories: int = 2000,
+                classes: int = 48) -> tuple[list[Row], dict]:
+    """The probes' activation harvest with one hook in names_filter against caching every activation (then pooling
+    the same hook), on random-token stories; and the seconds to fit one hook's probe and control (all C values) on
+    d_model-wide features of partly separable classes."""
+    from .probe import harvest, probe_features
+
+    model = HookedLlama.from_preset(preset, seed=0).eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (stories, seq), generator=gen).tolist()
+    hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"  # the last block: no layers skipped, only storage saved
+
+    def full_cache() -> None:
+        with torch.inference_mode():
+            for start in range(0, stories, 32):
+                _, cache = model.run_with_cache(torch.tensor(tokens[start:start + 32]))
+                cache[hook].mean(1)
+
+    rows = [compare("harvest_one_hook_vs_full_cache", lambda: harvest(model, tokens, [hook]),
+                    "run_with_cache, every hook", full_cache, stories * seq, reps, goal=None)]
+    y = torch.randint(0, classes, (fit_stories,), generator=gen)  # partly separable classes, as real labels are
+    centres = 0.3 * torch.randn(classes, model.cfg.d_model, generator=gen)
+    features = {hook: (centres[y] + torch.randn(fit_stories, model.cfg.d_model, generator=gen)).numpy()}
+    labels = [str(i) for i in y.tolist()]
+    story_texts = [f"w{i % 200} story" for i in range(fit_stories)]
+    result = probe_features(features, story_texts, labels)[0]
+    return rows, {"probe_fit_s_per_hook": {"s": result.fit_s, "stories": fit_stories, "classes": classes,
+                                            "features": model.cfg.d_model}}
+
+
 def _train_step(model: torch.nn.Module, logits_of: Callable, x: torch.Tensor, y: torch.Tensor,
                 amp: torch.dtype | None) -> Callable[[], None]:
     """One full training step (forward, loss, backward, AdamW step) as the trainer runs it."""

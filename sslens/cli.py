@@ -37,8 +37,9 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import (as_json, bench_data, bench_explorer, bench_generate, bench_model, bench_train, format_data,
-                        format_explorer, format_rows)
+    from .bench import (as_json, bench_data, bench_explorer, bench_generate, bench_model, bench_probe, bench_train,
+                        format_data, format_explorer, format_rows)
+    from .probe import C_GRID
 
     _no_extra(overrides)
     torch.manual_seed(0)
@@ -50,11 +51,16 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
         rows += bench_generate(args.preset, reps=max(1, args.reps // 2))
         rows += bench_train(("1.25M", args.preset) if args.preset != "1.25M" else ("1.25M",), args.batch, args.seq,
                             max(2, args.reps // 2))
+        probe_rows, probe_fit = bench_probe(args.preset, stories=8 * args.batch, seq=args.seq, reps=max(1, args.reps // 2))
+        rows += probe_rows
         explorer = bench_explorer(args.preset, reps=max(1, args.reps // 2))
-        result = as_json(rows) | explorer
+        result = as_json(rows) | explorer | probe_fit
         print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
                                 f"{torch.get_num_threads()} threads, median of {args.reps} interleaved runs"))
         print(format_explorer(explorer))
+        fit = probe_fit["probe_fit_s_per_hook"]
+        print(f"{'probe_fit_s_per_hook':<34}{fit['s']:>10.2f} s  (probe + control, {len(C_GRID)} C values; {fit['stories']:,} "
+              f"stories, {fit['classes']} classes, {fit['features']} features)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

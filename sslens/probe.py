@@ -2,9 +2,10 @@
 becomes linearly decodable.
 
 Protocol, per hook: each story is one example, its activations pooled over its tokens (mean) or taken at its last
-token. Stories are split 60/20/20 into train/validation/test (stratified by label where every label has three
+token. Stories are split 60/20/20 into train/validation/test (stratified by label where every label has five
 stories). A multinomial logistic regression on standardised features (scikit-learn's objective, fitted with torch's
-L-BFGS: the same solutions, measured ~20x faster here than LogisticRegression) is fitted for each regularisation
+L-BFGS and warm-started along the C path: the same predictions as LogisticRegression, and faster: 2.2 s for five C
+values against 3.3 s for its four on 1,200 stories x 64 features, 63 classes) is fitted for each regularisation
 strength C in `C_GRID`; the one with the best validation accuracy is scored on the test stories.
 
 Control task (after Hewitt & Liang, 2019): every story *type* -- its first word, lowercased -- gets a label drawn at
@@ -137,9 +138,9 @@ def control_labels(stories: Sequence[str], labels: Sequence[str], train: Sequenc
 
 
 def split(labels: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train/validation/test story indices (60/20/20), stratified when every label has at least three stories."""
+    """Train/validation/test story indices (60/20/20), stratified when every label has at least five stories."""
     index = np.arange(len(labels))
-    stratify = np.asarray(labels) if min(Counter(labels).values()) >= 3 else None
+    stratify = np.asarray(labels) if min(Counter(labels).values()) >= 5 else None
     train, rest = train_test_split(index, test_size=0.4, random_state=seed, stratify=stratify)
     val, test = train_test_split(rest, test_size=0.5, random_state=seed,
                                  stratify=None if stratify is None else stratify[rest])

@@ -42,6 +42,14 @@ def test_explorer_timing():
     assert "explorer_no_generation_ms" in format_explorer(result)
 
 
+def test_probe_rows():
+    from sslens.bench import bench_probe
+
+    rows, fit = bench_probe("1.25M", stories=4, seq=16, reps=1, fit_stories=200, classes=5)
+    assert [r.name for r in rows] == ["harvest_one_hook_vs_full_cache"] and rows[0].ours_tok_s > 0
+    assert fit["probe_fit_s_per_hook"]["s"] > 0 and fit["probe_fit_s_per_hook"]["classes"] == 5
+
+
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "sslens.cli", "bench", "--preset", "1.25M", "--batch", "1", "--seq", "8",
@@ -50,4 +58,5 @@ def test_cli_bench_writes_json(tmp_path):
     assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "generate_b1_vs_hf",
                                                 "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M",
                                                 "train_fp32_compiled_vs_hf_1.25M", "explorer_ms",
-                                                "explorer_no_generation_ms"}
+                                                "explorer_no_generation_ms", "harvest_one_hook_vs_full_cache",
+                                                "probe_fit_s_per_hook"}

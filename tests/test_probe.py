@@ -71,6 +71,8 @@ def test_control_task_labels_are_per_story_type():
         by_type.setdefault(story_type(story), set()).add(c)
     assert set(by_type) == {"once", "the", "then"} and all(len(v) == 1 for v in by_type.values())
     assert set(control) <= set(labels)
+    rare = ["x"] * 3 + labels[3:]  # too few of one label to stratify: a plain random split
+    assert sum(map(len, split(rare))) == len(rare)
 
 
 def test_theme_probe_on_a_trained_run(tiny_run, tmp_path):
