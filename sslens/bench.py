@@ -35,15 +35,23 @@ class Row:
     mfu: tuple[float, float] | None = None  # (sslens, peer): model FLOPs/s over the measured matmul peak
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so wall time covers it (nothing to wait for on CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(ours: Callable[[], object], peer: Callable[[], object], reps: int) -> tuple[list[float], list[float]]:
     """Wall times of `reps` alternating runs of each side, after one warm-up run of each."""
     ours(), peer()
+    synchronize()
     t_ours, t_peer = [], []
     for i in range(reps):
         order = [(ours, t_ours), (peer, t_peer)]
         for fn, times in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             fn()
+            synchronize()
             times.append(time.perf_counter() - start)
     return t_ours, t_peer
 
@@ -62,16 +70,16 @@ def hf_twin(model: HookedLlama) -> LlamaForCausalLM:
         return LlamaForCausalLM.from_pretrained(export)
 
 
-def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 5) -> list[Row]:
+def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 5, device: str = "cpu") -> list[Row]:
     """Hook-free forward vs HF LlamaForCausalLM; full run_with_cache vs TransformerLens's TransformerBridge."""
-    model = HookedLlama.from_preset(preset, seed=0).eval()
+    model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
     model.tokenizer = placeholder_tokenizer(model.cfg.d_vocab)  # the bridge insists on a tokenizer
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
     n = batch * seq
     with tempfile.TemporaryDirectory() as export, torch.inference_mode():
         model.save_hf(export)
-        hf = LlamaForCausalLM.from_pretrained(export).eval()
-        bridge = TransformerBridge.boot_transformers(export, device="cpu")
+        hf = LlamaForCausalLM.from_pretrained(export).eval().to(device)
+        bridge = TransformerBridge.boot_transformers(export, device=device)
         rows = [
             compare("forward_nohooks_vs_hf", lambda: model(tokens), "HF LlamaForCausalLM (sdpa)",
                     lambda: hf(tokens).logits, n, reps, goal=1.0),
@@ -82,15 +90,15 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
 
 
 def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_tokens: int = 200, top_k: int = 40,
-                   reps: int = 3) -> list[Row]:
+                   reps: int = 3, device: str = "cpu") -> list[Row]:
     """Sampling (top-k, temperature 1, no early stop) from a 16-token prompt against HF `generate`, same weights."""
     from .generate import generate
 
-    model = HookedLlama.from_preset(preset, seed=0).eval()
-    hf = hf_twin(model).eval()
+    model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
+    hf = hf_twin(model).eval().to(device)
     rows = []
     for batch in batches:
-        prompt = torch.randint(2, model.cfg.d_vocab, (batch, 16), generator=torch.Generator().manual_seed(0))
+        prompt = torch.randint(2, model.cfg.d_vocab, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
         rows.append(compare(
             f"generate_b{batch}_vs_hf",
             lambda: generate(model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False),
@@ -101,14 +109,15 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
     return rows
 
 
-def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int | None = None, reps: int = 5) -> dict:
+def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int | None = None, reps: int = 5,
+                   device: str = "cpu") -> dict:
     """Milliseconds of the explorer's model work for one prompt (`sslens.lens.explore`: greedy continuation, cached
     run, logit lens, head scores, token probabilities) with the app's default continuation, median of `reps` after a
     warm-up; and without generation."""
     from .lens import EXPLORE_NEW_TOKENS, explore
 
     max_new_tokens = EXPLORE_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-    model = HookedLlama.from_preset(preset, seed=0).eval()
+    model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
     model.tokenizer = placeholder_tokenizer(model.cfg.d_vocab)
     gen = torch.Generator().manual_seed(0)
     prompt = " ".join(f"t{i}" for i in torch.randint(2, model.cfg.d_vocab, (prompt_tokens,), generator=gen).tolist())
@@ -132,13 +141,13 @@ def format_explorer(result: dict) -> str:
 
 
 def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int = 3, fit_stories: int = 2000,
-                classes: int = 48) -> tuple[list[Row], dict]:
+                classes: int = 48, device: str = "cpu") -> tuple[list[Row], dict]:
     """The probes' activation harvest with one hook in names_filter against caching every activation (then pooling
     the same hook), on random-token stories; and the seconds to fit one hook's probe and control (all C values) on
     d_model-wide features of partly separable classes."""
     from .probe import harvest, probe_features
 
-    model = HookedLlama.from_preset(preset, seed=0).eval()
+    model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (stories, seq), generator=gen).tolist()
     hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"  # the last block: no layers skipped, only storage saved
@@ -146,7 +155,7 @@ def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int
     def full_cache() -> None:
         with torch.inference_mode():
             for start in range(0, stories, 32):
-                _, cache = model.run_with_cache(torch.tensor(tokens[start:start + 32]))
+                _, cache = model.run_with_cache(torch.tensor(tokens[start:start + 32], device=device))
                 cache[hook].mean(1)
 
     rows = [compare("harvest_one_hook_vs_full_cache", lambda: harvest(model, tokens, [hook]),
@@ -177,7 +186,8 @@ def _train_step(model: torch.nn.Module, logits_of: Callable, x: torch.Tensor, y:
 
 
 def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq: int = 512, reps: int = 3,
-                dtypes: tuple[torch.dtype, ...] = (torch.float32,), compiled: tuple[bool, ...] = (False, True)) -> list[Row]:
+                dtypes: tuple[torch.dtype, ...] = (torch.float32,), compiled: tuple[bool, ...] = (False, True),
+                device: str = "cpu") -> list[Row]:
     """Training steps against a training loop of HF LlamaForCausalLM with the same weights, batch and dtype; sslens
     eager and, as its trainer runs by default, torch.compiled (the peer stays eager, as HF's Trainer runs)."""
     rows = []
@@ -185,8 +195,9 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
         for dtype in dtypes:
             for compile_ in compiled:
                 model = HookedLlama.from_preset(preset, seed=0).train()
-                hf = hf_twin(model).train()
-                tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+                hf = hf_twin(model).train().to(device)
+                model.to(device)
+                tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
                 x, y = tokens[:, :-1], tokens[:, 1:]
                 amp = None if dtype == torch.float32 else dtype
                 kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
@@ -194,10 +205,43 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
                 row = compare(name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp),
                               "HF LlamaForCausalLM training step", _train_step(hf, lambda t: hf(t).logits, x, y, amp),
                               batch * seq, reps, goal=1.1 if amp is None else 1.5)
-                per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops("cpu", dtype)
+                per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops(device, dtype)
                 row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
                 rows.append(row)
     return rows
+
+
+def bench_suite(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 7, device: str = "cpu",
+                quick: bool = False) -> tuple[list[Row], dict]:
+    """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
+
+    On CUDA training runs in bf16 autocast and fp32; on CPU in fp32 only (bf16 matmuls are emulated and slow on
+    CPUs without bf16 units). `quick`: two repetitions, 50 new tokens, no compiled training, one warm explorer run.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from .errors import SSLensError
+
+        raise SSLensError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
+    reps = 2 if quick else reps
+    few = max(1, reps // 2)
+    dtypes = (torch.bfloat16, torch.float32) if device.startswith("cuda") else (torch.float32,)
+    rows = bench_model(preset, batch, seq, reps, device)
+    rows += bench_generate(preset, new_tokens=50 if quick else 200, reps=few, device=device)
+    rows += bench_train(("1.25M", preset) if preset != "1.25M" else ("1.25M",), batch, seq, max(2, few), dtypes,
+                        compiled=(False,) if quick else (False, True), device=device)
+    probe_rows, probe_fit = bench_probe(preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000,
+                                        device=device)
+    explorer = bench_explorer(preset, reps=few, device=device)
+    return rows + probe_rows, explorer | probe_fit
+
+
+def format_suite(rows: list[Row], extras: dict, header: str) -> str:
+    from .probe import C_GRID
+
+    fit = extras["probe_fit_s_per_hook"]
+    return "\n".join([format_rows(rows, header), format_explorer({k: v for k, v in extras.items() if k.startswith("explorer")}),
+                      f"{'probe_fit_s_per_hook':<34}{fit['s']:>10.2f} s  (probe + control, {len(C_GRID)} C values; "
+                      f"{fit['stories']:,} stories, {fit['classes']} classes, {fit['features']} features)"])
 
 
 def format_rows(rows: list[Row], header: str) -> str:

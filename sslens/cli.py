@@ -37,9 +37,7 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import (as_json, bench_data, bench_explorer, bench_generate, bench_model, bench_probe, bench_train,
-                        format_data, format_explorer, format_rows)
-    from .probe import C_GRID
+    from .bench import as_json, bench_data, bench_suite, format_data, format_suite
 
     _no_extra(overrides)
     torch.manual_seed(0)
@@ -47,20 +45,11 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
         result = bench_data(args.stories)
         print(format_data(result))
     else:
-        rows = bench_model(args.preset, args.batch, args.seq, args.reps)
-        rows += bench_generate(args.preset, reps=max(1, args.reps // 2))
-        rows += bench_train(("1.25M", args.preset) if args.preset != "1.25M" else ("1.25M",), args.batch, args.seq,
-                            max(2, args.reps // 2))
-        probe_rows, probe_fit = bench_probe(args.preset, stories=8 * args.batch, seq=args.seq, reps=max(1, args.reps // 2))
-        rows += probe_rows
-        explorer = bench_explorer(args.preset, reps=max(1, args.reps // 2))
-        result = as_json(rows) | explorer | probe_fit
-        print(format_rows(rows, f"{args.preset}, batch {args.batch} x {args.seq} tokens, fp32, CPU, "
-                                f"{torch.get_num_threads()} threads, median of {args.reps} interleaved runs"))
-        print(format_explorer(explorer))
-        fit = probe_fit["probe_fit_s_per_hook"]
-        print(f"{'probe_fit_s_per_hook':<34}{fit['s']:>10.2f} s  (probe + control, {len(C_GRID)} C values; {fit['stories']:,} "
-              f"stories, {fit['classes']} classes, {fit['features']} features)")
+        rows, extras = bench_suite(args.preset, args.batch, args.seq, args.reps, args.device, args.quick)
+        result = as_json(rows) | extras
+        where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+        print(format_suite(rows, extras, f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, median of "
+                                         f"{2 if args.quick else args.reps} interleaved runs"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
@@ -241,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--seq", type=int, default=512)
     b.add_argument("--reps", type=int, default=7)
+    b.add_argument("--quick", action="store_true", help="two repetitions, shorter generation, no compiled training (about 2 min on 2 CPU cores)")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda adds bf16 training rows")
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     b.set_defaults(run=cmd_bench)
     d = sub.add_parser("data", help="the embedded story corpus").add_subparsers(dest="data_command", required=True)

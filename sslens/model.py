@@ -73,7 +73,7 @@ def apply_rotary(x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Te
 def column_major(layer: nn.Linear | nn.Embedding) -> nn.Linear | nn.Embedding:
     """`layer` with its weight stored column-major (shape as usual; use `.reshape`, not `.view`, on it). F.linear then
     multiplies by a contiguous W^T: on CPU a one-token step's matrix-vector products run ~2.5x faster, reading the
-    weights at memory speed; training speed is unchanged (both measured, see the README's Benchmarks)."""
+    weights at memory speed; training speed is unchanged (both measured, see BENCHMARKS.md)."""
     layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
     return layer
 

@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from sslens.bench import bench_model, interleaved
 
 
@@ -53,10 +56,15 @@ def test_probe_rows():
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "sslens.cli", "bench", "--preset", "1.25M", "--batch", "1", "--seq", "8",
-                        "--reps", "1", "--json", str(out)], capture_output=True, text=True, check=True)
+                        "--quick", "--json", str(out)], capture_output=True, text=True, check=True)
     assert "forward_nohooks_vs_hf" in r.stdout and "cache_vs_tl_bridge" in r.stdout
     assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "generate_b1_vs_hf",
-                                                "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M",
-                                                "train_fp32_compiled_vs_hf_1.25M", "explorer_ms",
+                                                "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M", "explorer_ms",
                                                 "explorer_no_generation_ms", "harvest_one_hook_vs_full_cache",
                                                 "probe_fit_s_per_hook"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device cuda is not refused")
+def test_cuda_without_a_gpu_is_refused():
+    r = subprocess.run([sys.executable, "-m", "sslens", "bench", "--device", "cuda"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no CUDA device; use --device cpu" in r.stderr and "Traceback" not in r.stderr
