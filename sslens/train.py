@@ -11,6 +11,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -277,14 +278,20 @@ def validation_loss(model: HookedLlama, val: Batches, n_batches: int, device: to
 
 
 def resume(run_dir: Path, model: HookedLlama, optimizer: torch.optim.Optimizer, batches: Batches) -> int:
-    """Restore the newest complete checkpoint; returns its step."""
-    step = saved_steps(run_dir)[-1]
-    model.load_state_dict(load_run_model(run_dir, step).state_dict())
-    state = load_trainer_state(run_dir, step)
-    optimizer.load_state_dict(state["optimizer"])
-    batches.position = state["data_position"]
-    torch.set_rng_state(state["torch_rng"])
-    return step
+    """Restore the newest checkpoint that reads back; returns its step. A newer one that does not (truncated or
+    corrupted after it was written) is skipped with a warning, and rewritten when training passes its step again."""
+    for step in reversed(saved_steps(run_dir)):
+        try:
+            weights, state = load_run_model(run_dir, step).state_dict(), load_trainer_state(run_dir, step)
+        except SSLensError as e:
+            print(f"sslens: warning: {e}; resuming from an earlier checkpoint", file=sys.stderr)
+            continue
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        batches.position = state["data_position"]
+        torch.set_rng_state(state["torch_rng"])
+        return step
+    raise SSLensError(f"--resume: no checkpoint in {run_dir} reads back; start a new run")
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

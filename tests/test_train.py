@@ -121,6 +121,28 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
 
 
+def test_a_corrupted_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    tok = f"--tokenizer={tmp_path / 'tok.json'}"
+    reference = train(*tiny(tmp_path, "--max_steps=16", tok, name="reference"))
+    run = tmp_path / "broken"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / "step_0000016" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated after it was written
+    with pytest.raises(SSLensError, match=r"step_0000016/model.safetensors is unreadable"):
+        load_model(run)
+    capsys.readouterr()
+    train(*tiny(tmp_path, "--max_steps=16", "--resume", tok, name="broken"))  # falls back to step 8
+    assert "step_0000016/model.safetensors is unreadable" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(load_model(run).state_dict().values(),
+                                                 load_model(reference).state_dict().values()))
+    assert [m["step"] for m in metrics(run)] == list(range(1, 17))
+    assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
+
+
 def test_compiled_training_follows_eager_training(tmp_path):
     from sslens.data import load_stories
     from sslens.tokenizer import save_tokenizer, train_tokenizer
