@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -148,6 +149,8 @@ def load_hf_or_hub(name_or_path: str | Path) -> HookedLlama:
     """A HookedLlama from a local HF-format directory, or from the hub by name (e.g.
     "SimpleStories/SimpleStories-5M") when online."""
     path = Path(name_or_path)
+    if not path.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):  # not a hub name either
+        raise SSLensError(f"model directory {name_or_path} not found")
     if not path.exists():
         from huggingface_hub import snapshot_download
 

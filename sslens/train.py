@@ -6,6 +6,7 @@ position and RNG come back from the newest complete checkpoint, and metrics.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import secrets
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -57,8 +59,10 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.max_steps >= 200 and (device.type == "cuda" or shutil.which("g++") is not None)
 
 
-def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
+def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Path, bool]:
+    """The run directory, checked and writable, and whether this call created it."""
     run_dir = Path(cfg.out_dir or Path("runs") / model_cfg.model_name)
+    created = not run_dir.exists()
     if run_dir.exists() and not run_dir.is_dir():
         raise SSLensError(f"out_dir {run_dir} is a file; choose a directory with --out_dir=DIR")
     if saved_steps(run_dir) and not cfg.resume:
@@ -74,7 +78,19 @@ def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> Path:
         probe.unlink()
     except OSError as e:
         raise SSLensError(f"out_dir {run_dir} is not writable ({e.strerror})") from None
-    return run_dir
+    return run_dir, created
+
+
+@contextlib.contextmanager
+def removed_on_refusal(run_dir: Path, created: bool) -> Iterator[None]:
+    """A run directory this call created is removed again if the run is refused before training starts, so a
+    refusal leaves nothing behind."""
+    try:
+        yield
+    except (SSLensError, OSError):
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> None:
@@ -122,50 +138,51 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    run_dir = _on_rank0(world, lambda: prepare_run_dir(cfg, model_cfg))
-    if cfg.resume:
-        saved = read_run_config(run_dir)
-        changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
-        if changed:
-            raise SSLensError(f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
-                              f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
-    torch.manual_seed(cfg.seed)
-    train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
+    run_dir, created = _on_rank0(world, lambda: prepare_run_dir(cfg, model_cfg))
+    with removed_on_refusal(run_dir, created and main):
+        if cfg.resume:
+            saved = read_run_config(run_dir)
+            changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
+            if changed:
+                raise SSLensError(f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
+                                  f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
+        torch.manual_seed(cfg.seed)
+        train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
 
-    def write_tokenizer_and_config() -> None:
-        if cfg.resume or (run_dir / "tokenizer.json").is_file():
-            tok = load_tokenizer(run_dir / "tokenizer.json")
-        elif cfg.tokenizer:
-            tok = load_tokenizer(cfg.tokenizer)
-        else:
-            tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
-        save_tokenizer(tok, run_dir / "tokenizer.json")
-        write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
-        tokenize(train_stories, tok), tokenize(val_stories, tok)  # fill the cache once, for every rank
+        def write_tokenizer_and_config() -> None:
+            if cfg.resume or (run_dir / "tokenizer.json").is_file():
+                tok = load_tokenizer(run_dir / "tokenizer.json")
+            elif cfg.tokenizer:
+                tok = load_tokenizer(cfg.tokenizer)
+            else:
+                tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
+            save_tokenizer(tok, run_dir / "tokenizer.json")
+            write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
+            tokenize(train_stories, tok), tokenize(val_stories, tok)  # fill the cache once, for every rank
 
-    _on_rank0(world, write_tokenizer_and_config)
-    tok = load_tokenizer(run_dir / "tokenizer.json")
+        _on_rank0(world, write_tokenizer_and_config)
+        tok = load_tokenizer(run_dir / "tokenizer.json")
 
-    tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
-    accum = max(1, cfg.total_batch_size // tokens_per_micro)
-    if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
-        raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
-    batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
-    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of each global batch
-    val = Batches(tokenize(val_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
+        tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
+        accum = max(1, cfg.total_batch_size // tokens_per_micro)
+        if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
+            raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
+        batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
+        rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of each global batch
+        val = Batches(tokenize(val_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
 
-    model = HookedLlama(model_cfg, tok)
-    model.init_weights(cfg.seed)
-    model.to(device).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  foreach=True)
-    schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
-    if main:
-        check_free_space(run_dir, model, len(schedule))
-    step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
+        model = HookedLlama(model_cfg, tok)
+        model.init_weights(cfg.seed)
+        model.to(device).train()
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                      foreach=True)
+        schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
+        if main:
+            check_free_space(run_dir, model, len(schedule))
+        step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
     forward = torch.compile(model) if use_compile(cfg, device) else model
     if world > 1:
         forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)

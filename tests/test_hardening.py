@@ -1,0 +1,190 @@
+"""Bad input end to end: every case exits 2 with one actionable line and no traceback, and writes nothing.
+
+Most cases call the CLI's own entry point, `sslens.cli.main`, in this process (the same argument parsing, error
+handling and exit code as the console script, without a fresh interpreter per case); a few run the real
+subprocess to show the two agree. The config and override parsers are fuzzed with hypothesis."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from sslens import HookedLlama
+from sslens.cli import main
+from sslens.config import ConfigError, load_config, load_train_config, parse_overrides, settable_fields
+from sslens.config import TrainConfig
+from sslens.errors import SSLensError
+from sslens.tokenizer import placeholder_tokenizer, save_tokenizer
+
+TINY = ["--n_layers=1", "--d_model=32", "--n_heads=2", "--n_key_value_heads=1", "--d_mlp=64", "--d_vocab=512",
+        "--n_ctx=32", "--batch_size=2", "--max_steps=2", "--data=synth:300", "--compile=False"]
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    return exit_.value.code, capsys.readouterr().err
+
+
+def expect_refusal(capsys, args: list[str], words: str) -> None:
+    code, err = run_main(capsys, *args)
+    assert code == 2 and err.startswith("sslens: error: ") and err.count("\n") == 1 and words in err, err
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "malformed.yaml").write_text("n_layers: [1,\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "no_text.jsonl").write_text('{"title": "a"}\n{"title": "b"}\n')
+    (tmp_path / "a_file").write_text("keep me")
+    save_tokenizer(placeholder_tokenizer(1024), tmp_path / "tok1024.json")
+    return tmp_path
+
+
+TRAIN_CASES = [
+    (lambda d: [str(d / "malformed.yaml")], "malformed YAML"),
+    (lambda d: ["1.25M", "--n_layerz=2"], "unknown config key 'n_layerz'"),
+    (lambda d: ["1.25M", "--n_layers=two"], "n_layers must be"),
+    (lambda d: ["1.25M", "--d_model=100", "--n_heads=3"], "must be divisible by n_heads"),
+    (lambda d: ["1.25M", "--n_heads=4", "--n_key_value_heads=3"], "n_key_value_heads"),
+    (lambda d: ["1.25M", "--data=" + str(d / "missing.parquet")], "not found"),
+    (lambda d: ["1.25M", "--data=" + str(d / "empty.txt")], "holds no stories"),
+    (lambda d: ["1.25M", "--data=" + str(d / "no_text.jsonl")], "has no text column"),
+    (lambda d: ["1.25M", "--tokenizer=" + str(d / "tok1024.json")], "tokenizer has 1024 tokens but the model's d_vocab is 512"),
+    (lambda d: ["1.25M", "--out_dir=" + str(d / "a_file")], "is a file"),
+    (lambda d: ["1.25M", "--out_dir=/proc/sslens-cannot-write-here"], "sslens-cannot-write-here"),
+    (lambda d: ["1.25M", "--resume"], "no complete checkpoint to resume from"),
+]
+
+
+@pytest.mark.parametrize("case, words", TRAIN_CASES, ids=[w for _, w in TRAIN_CASES])
+def test_train_refusals_write_nothing(case, words, files, capsys):
+    args = case(files)
+    out = files / "run"
+    extra = [] if any(a.startswith("--out_dir") for a in args) else [f"--out_dir={out}"]
+    config, *rest = args
+    expect_refusal(capsys, ["train", config, *TINY, *rest, *extra], words)
+    assert not out.exists() and (files / "a_file").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny trained run, a copy with a truncated newest checkpoint, and one whose checkpoint holds another
+    config's weights."""
+    from sslens.config import load_train_config
+    from sslens.train import train
+
+    root = tmp_path_factory.mktemp("models")
+    model_cfg, cfg = load_train_config("1.25M", **parse_overrides(TINY), out_dir=str(root / "run"))
+    run = train(model_cfg, cfg)
+    truncated = root / "truncated"
+    shutil.copytree(run, truncated)
+    path = sorted((truncated / "checkpoints").iterdir())[-1] / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:500])
+    other = root / "other"
+    shutil.copytree(run, other)
+    bigger = HookedLlama.from_preset("1.25M", n_layers=2, d_model=64, n_heads=2, n_key_value_heads=1, d_mlp=64, d_vocab=512, n_ctx=32)
+    for step_dir in (other / "checkpoints").iterdir():
+        save_file({k: v.contiguous() for k, v in bigger.state_dict().items()}, step_dir / "model.safetensors")
+    return {"run": run, "truncated": truncated, "other": other, "root": root}
+
+
+@pytest.mark.parametrize("which, args, words", [
+    ("missing", [], "not found"),
+    ("truncated", [], "model.safetensors is unreadable or from another config"),
+    ("other", [], "model.safetensors is unreadable or from another config"),
+    ("run", ["--prompt", "once " * 40], "the context is 32, so at most 31"),
+    ("run", ["--prompt", ""], "empty prompt"),
+    ("run", ["--prompt", "hello", "--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_generate_refusals(which, args, words, model_dirs, capsys):
+    path = model_dirs["root"] / "nowhere" if which == "missing" else model_dirs[which]
+    before = sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file())
+    expect_refusal(capsys, ["generate", str(path), *args], words)
+    assert sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file()) == before
+
+
+def test_a_non_ascii_prompt_is_continued_not_refused(model_dirs, capsys):
+    """Accents and emoji are input, not errors: the tokenizer normalises or maps them to [UNK]."""
+    main(["generate", str(model_dirs["run"]), "--prompt", "Élodie’s café 🙂", "--max_new_tokens", "3", "--seed", "0"])
+    out = capsys.readouterr().out
+    assert out.startswith("Élodie’s café 🙂") and len(out) > len("Élodie’s café 🙂")
+
+
+def test_probe_unknown_label(model_dirs, capsys):
+    expect_refusal(capsys, ["probe", str(model_dirs["run"]), "--label", "colour", "--max_stories", "20"],
+                   "has no label column 'colour'")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "1.25M", "--n_layers=two"], "n_layers must be"),
+    (["generate", "/nonexistent/model"], "not found"),
+])
+def test_the_console_command_agrees(args, words):
+    r = subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr and "Traceback" not in r.stderr
+
+
+KEYS = [f.name for f in settable_fields()] + [f.name for f in settable_fields(TrainConfig)]
+values = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True).map(str),
+                   st.sampled_from(["True", "false", "none", "1e-3", "-0", "[1, 2]", "{a: 1}", "'5'", "", "auto"]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.tuples(st.sampled_from(KEYS), values).map(lambda kv: f"--{kv[0]}={kv[1]}"),
+                          st.text(max_size=20)), max_size=4))
+def test_overrides_either_parse_into_a_valid_config_or_are_refused(items):
+    try:
+        model_cfg, cfg = load_train_config("1.25M", **parse_overrides(items))
+    except (ConfigError, SSLensError):
+        return
+    assert model_cfg.d_model % model_cfg.n_heads == 0 and model_cfg.n_heads % model_cfg.n_key_value_heads == 0
+    assert cfg.lr > 0 and cfg.max_steps > 0
+
+
+yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-1000, 10**5), st.floats(), st.text(max_size=8)),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                           max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.dictionaries(st.sampled_from(KEYS[:12]), yaml_values, max_size=12).map(yaml.safe_dump),
+                 st.text(max_size=80)))
+def test_config_files_either_load_or_are_refused(tmp_path, text):
+    path = Path(tmp_path) / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        cfg = load_config(path)
+    except (ConfigError, SSLensError):
+        return
+    assert cfg.d_model % cfg.n_heads == 0 and cfg.d_vocab > 0 and cfg.n_layers > 0
+
+
+class Payload:
+    """Unpickling this runs a command: what a hostile trainer.pt would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_payload_as_trainer_state_is_refused_not_executed(model_dirs, tmp_path, capsys):
+    import pickle
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dirs["run"], run)
+    marker = tmp_path / "payload-ran"
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    (newest / "trainer.pt").write_bytes(pickle.dumps({"optimizer": Payload(marker)}))
+    main(["train", "1.25M", *TINY, "--max_steps=3", "--resume", f"--out_dir={run}"])
+    err = capsys.readouterr().err
+    assert "trainer.pt is unreadable (UnpicklingError); it is refused, not executed" in err and not marker.exists()
+    assert (run / "checkpoints" / "step_0000003").is_dir()
