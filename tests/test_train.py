@@ -121,6 +121,45 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
 
 
+@pytest.mark.slow
+def test_sigkill_at_random_points_leaves_only_complete_checkpoints(tmp_path):
+    """Kills at seeded random moments after a random checkpoint, with one every other step so a kill can land
+    mid-write: every checkpoint directory left is complete and loads, and each resumed run ends bitwise equal to an
+    uninterrupted one."""
+    import random
+
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    args = [*TINY, "--max_steps=30", "--checkpoint_schedule=linear", "--checkpoint_every=2", "--log_every=1",
+            f"--tokenizer={tmp_path / 'tok.json'}"]
+    reference = load_model(train(*tiny(tmp_path, *args[len(TINY):], name="reference")))
+    for seed in range(3):
+        run = tmp_path / f"killed{seed}"
+        cmd = [sys.executable, "-m", "sslens.cli", "train", "1.25M", *args, f"--out_dir={run}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        rng = random.Random(seed)
+        after = rng.randrange(0, 24, 2)  # a checkpoint step, then a random delay: mid-step or mid-write
+        while after not in saved_steps(run) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert saved_steps(run)[-1] < 30, "the run finished before it was killed"
+        for step_dir in (run / "checkpoints").iterdir():
+            assert step_dir.name.startswith(".tmp-") or {p.name for p in step_dir.iterdir()} == {"model.safetensors", "trainer.pt"}
+        for step in saved_steps(run):
+            load_model(run, step=step)
+        r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+        final = load_model(run)
+        assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), reference.state_dict().values()))
+        assert [m["step"] for m in metrics(run)] == list(range(1, 31))
+
+
 def test_a_corrupted_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
     from sslens.data import load_stories
     from sslens.tokenizer import save_tokenizer, train_tokenizer
