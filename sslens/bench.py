@@ -19,9 +19,11 @@ import torch
 from transformers import LlamaForCausalLM
 from transformer_lens.model_bridge import TransformerBridge
 
+from .errors import SSLensError
 from .flops import flops_per_token, peak_flops
 from .model import HookedLlama
 from .tokenizer import placeholder_tokenizer
+from .train import adamw
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Row:
     ratio: float
     goal: float | None  # None: measured, no goal set
     mfu: tuple[float, float] | None = None  # (sslens, peer): model FLOPs/s over the measured matmul peak
+    error: str | None = None  # why the row could not be measured (its numbers are then NaN)
 
 
 def synchronize() -> None:
@@ -63,6 +66,16 @@ def compare(name: str, ours: Callable, peer_name: str, peer: Callable, tokens: i
                statistics.median(p / o for o, p in zip(t_ours, t_peer)), goal)
 
 
+def attempt(name: str, peer: str, goal: float | None, measure: Callable[[], Row]) -> Row:
+    """The row `measure` returns, or one saying why it failed (a peer that does not load under the installed
+    library versions, say), so that one broken comparison does not cost the rest of the table."""
+    try:
+        return measure()
+    except Exception as e:  # reported in the row and the table, not swallowed
+        nan = float("nan")
+        return Row(name, nan, peer, nan, nan, goal, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])
+
+
 def hf_twin(model: HookedLlama) -> LlamaForCausalLM:
     """HF's LlamaForCausalLM with the same weights, loaded from our export as a user would load it."""
     with tempfile.TemporaryDirectory() as export:
@@ -78,15 +91,19 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
     n = batch * seq
     with tempfile.TemporaryDirectory() as export, torch.inference_mode():
         model.save_hf(export)
-        hf = LlamaForCausalLM.from_pretrained(export).eval().to(device)
-        bridge = TransformerBridge.boot_transformers(export, device=device)
-        rows = [
-            compare("forward_nohooks_vs_hf", lambda: model(tokens), "HF LlamaForCausalLM (sdpa)",
-                    lambda: hf(tokens).logits, n, reps, goal=1.0),
-            compare("cache_vs_tl_bridge", lambda: model.run_with_cache(tokens), "TransformerBridge.run_with_cache",
-                    lambda: bridge.run_with_cache(tokens), n, reps, goal=2.0),
-        ]
-    return rows
+
+        def forward() -> Row:
+            hf = LlamaForCausalLM.from_pretrained(export).eval().to(device)
+            return compare("forward_nohooks_vs_hf", lambda: model(tokens), "HF LlamaForCausalLM (sdpa)",
+                           lambda: hf(tokens).logits, n, reps, goal=1.0)
+
+        def cache() -> Row:
+            bridge = TransformerBridge.boot_transformers(export, device=device)
+            return compare("cache_vs_tl_bridge", lambda: model.run_with_cache(tokens), "TransformerBridge.run_with_cache",
+                           lambda: bridge.run_with_cache(tokens), n, reps, goal=2.0)
+
+        return [attempt("forward_nohooks_vs_hf", "HF LlamaForCausalLM (sdpa)", 1.0, forward),
+                attempt("cache_vs_tl_bridge", "TransformerBridge.run_with_cache", 2.0, cache)]
 
 
 def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_tokens: int = 200, top_k: int = 40,
@@ -99,13 +116,12 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
     rows = []
     for batch in batches:
         prompt = torch.randint(2, model.cfg.d_vocab, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
-        rows.append(compare(
-            f"generate_b{batch}_vs_hf",
-            lambda: generate(model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False),
-            "HF generate (KV cache, top-k)",
+        name, peer, goal = f"generate_b{batch}_vs_hf", "HF generate (KV cache, top-k)", 4.0 if batch == 1 else None
+        rows.append(attempt(name, peer, goal, lambda: compare(
+            name, lambda: generate(model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False), peer,
             lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
                                 top_k=top_k, eos_token_id=None, pad_token_id=0),
-            batch * new_tokens, reps, goal=4.0 if batch == 1 else None))
+            batch * new_tokens, reps, goal)))
     return rows
 
 
@@ -173,7 +189,7 @@ def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int
 def _train_step(model: torch.nn.Module, logits_of: Callable, x: torch.Tensor, y: torch.Tensor,
                 amp: torch.dtype | None) -> Callable[[], None]:
     """One full training step (forward, loss, backward, AdamW step) as the trainer runs it."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    optimizer = adamw(model, 1e-4, (0.9, 0.95), 0.1, x.device)
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
@@ -202,33 +218,42 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
                 amp = None if dtype == torch.float32 else dtype
                 kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
                 name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
-                row = compare(name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp),
-                              "HF LlamaForCausalLM training step", _train_step(hf, lambda t: hf(t).logits, x, y, amp),
-                              batch * seq, reps, goal=1.1 if amp is None else 1.5)
+                peer, goal = "HF LlamaForCausalLM training step", 1.1 if amp is None else 1.5
+                row = attempt(name, peer, goal, lambda: compare(
+                    name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp), peer,
+                    _train_step(hf, lambda t: hf(t).logits, x, y, amp), batch * seq, reps, goal))
                 per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops(device, dtype)
                 row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
                 rows.append(row)
+                del model, hf
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
     return rows
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SSLensError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
+
+
+def train_dtypes(device: str) -> tuple[torch.dtype, ...]:
+    """bf16 autocast and fp32 on CUDA; fp32 alone on CPU, where bf16 matmuls are emulated and slow without bf16 units."""
+    return (torch.bfloat16, torch.float32) if device.startswith("cuda") else (torch.float32,)
 
 
 def bench_suite(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 7, device: str = "cpu",
                 quick: bool = False) -> tuple[list[Row], dict]:
     """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
 
-    On CUDA training runs in bf16 autocast and fp32; on CPU in fp32 only (bf16 matmuls are emulated and slow on
-    CPUs without bf16 units). `quick`: two repetitions, 50 new tokens, no compiled training, one warm explorer run.
+    Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, no compiled training, one warm explorer run.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import SSLensError
-
-        raise SSLensError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
+    check_device(device)
     reps = 2 if quick else reps
     few = max(1, reps // 2)
-    dtypes = (torch.bfloat16, torch.float32) if device.startswith("cuda") else (torch.float32,)
     rows = bench_model(preset, batch, seq, reps, device)
     rows += bench_generate(preset, new_tokens=50 if quick else 200, reps=few, device=device)
-    rows += bench_train(("1.25M", preset) if preset != "1.25M" else ("1.25M",), batch, seq, max(2, few), dtypes,
-                        compiled=(False,) if quick else (False, True), device=device)
+    rows += bench_train(("1.25M", preset) if preset != "1.25M" else ("1.25M",), batch, seq, max(2, few),
+                        train_dtypes(device), compiled=(False,) if quick else (False, True), device=device)
     probe_rows, probe_fit = bench_probe(preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000,
                                         device=device)
     explorer = bench_explorer(preset, reps=few, device=device)
@@ -247,6 +272,9 @@ def format_suite(rows: list[Row], extras: dict, header: str) -> str:
 def format_rows(rows: list[Row], header: str) -> str:
     lines = [header, f"{'row':<34}{'sslens tok/s':>14}{'peer tok/s':>12}{'ratio':>8}{'goal':>7}  peer"]
     for r in rows:
+        if r.error:
+            lines.append(f"{r.name:<34}  not measured: {r.error}")
+            continue
         goal = "     -" if r.goal is None else f"{r.goal:>6.1f}x"
         mark = "" if r.goal is None else " [ok]" if r.ratio >= r.goal else " [MISSED]"
         mfu = "" if r.mfu is None else f" (MFU {r.mfu[0]:.0%} vs {r.mfu[1]:.0%})"

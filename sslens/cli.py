@@ -37,21 +37,34 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import as_json, bench_data, bench_suite, format_data, format_suite
+    from .bench import (as_json, bench_data, bench_suite, bench_train, check_device, format_data, format_rows,
+                        format_suite, train_dtypes)
 
     _no_extra(overrides)
     torch.manual_seed(0)
     if args.suite == "data":
         result = bench_data(args.stories)
         print(format_data(result))
+        return _write_json(args.json, result)
+    check_device(args.device)
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    header = (f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, median of "
+              f"{2 if args.quick else args.reps} interleaved runs")
+    if args.suite == "train":
+        rows = bench_train((args.preset,), args.batch, args.seq, 2 if args.quick else args.reps, train_dtypes(args.device),
+                           compiled=(False,) if args.quick else (False, True), device=args.device)
+        result = as_json(rows)
+        print(format_rows(rows, header))
     else:
         rows, extras = bench_suite(args.preset, args.batch, args.seq, args.reps, args.device, args.quick)
         result = as_json(rows) | extras
-        where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-        print(format_suite(rows, extras, f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, median of "
-                                         f"{2 if args.quick else args.reps} interleaved runs"))
-    if args.json:
-        with open(args.json, "w") as f:
+        print(format_suite(rows, extras, header))
+    _write_json(args.json, result)
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
 
 
@@ -224,7 +237,8 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(run=cmd_probe)
     b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
                                      "data: the embedded corpus and token pipeline")
-    b.add_argument("--suite", choices=["model", "data"], default="model")
+    b.add_argument("--suite", choices=["model", "train", "data"], default="model",
+                   help="model: every row below; train: the training rows of --preset alone; data: the corpus pipeline")
     b.add_argument("--stories", type=int, default=100_000, help="data suite: corpus size")
     b.add_argument("--preset", default="5M")
     b.add_argument("--batch", type=int, default=8)

@@ -68,3 +68,25 @@ def test_cli_bench_writes_json(tmp_path):
 def test_cuda_without_a_gpu_is_refused():
     r = subprocess.run([sys.executable, "-m", "sslens", "bench", "--device", "cuda"], capture_output=True, text=True)
     assert r.returncode == 2 and "no CUDA device; use --device cpu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_row_that_fails_says_why_and_the_table_goes_on():
+    from sslens.bench import Row, attempt, format_rows
+
+    def broken() -> Row:
+        raise RuntimeError("peer needs transformers>=9\nsecond line")
+
+    fine = Row("fine_vs_peer", 2.0, "peer", 1.0, 2.0, goal=1.5)
+    rows = [attempt("broken_vs_peer", "peer", 1.0, broken), attempt("fine_vs_peer", "peer", 1.5, lambda: fine)]
+    assert rows[0].error == "RuntimeError: peer needs transformers>=9" and rows[0].ratio != rows[0].ratio  # NaN
+    assert rows[1] is fine
+    table = format_rows(rows, "header").splitlines()
+    assert table[2].split() == ["broken_vs_peer", "not", "measured:", "RuntimeError:", "peer", "needs", "transformers>=9"]
+    assert table[3].startswith("fine_vs_peer") and "[ok]" in table[3]
+
+
+def test_cli_train_suite_runs_the_training_rows_alone(tmp_path):
+    out = tmp_path / "train.json"
+    r = subprocess.run([sys.executable, "-m", "sslens", "bench", "--suite", "train", "--preset", "1.25M", "--batch", "1",
+                        "--seq", "8", "--quick", "--json", str(out)], capture_output=True, text=True, check=True)
+    assert set(json.loads(out.read_text())) == {"train_fp32_vs_hf_1.25M"} and "train_fp32_vs_hf_1.25M" in r.stdout
