@@ -64,9 +64,13 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():  # re-saving a step (a resumed run passing it again): replace the old copy
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if final.exists():  # re-saving a step (a resumed run passing it again): set the old copy aside, then delete it
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
     return final
 
 
@@ -148,9 +152,13 @@ def tokens_seen(run_dir: str | Path) -> dict[int, int]:
 def load_trainer_state(run_dir: Path, step: int) -> dict:
     path = checkpoint_dir(run_dir, step) / "trainer.pt"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SSLensError(f"{path} is unreadable ({type(e).__name__}); it is refused, not executed") from None
+    missing = [k for k in ("step", "optimizer", "data_position", "torch_rng") if k not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise SSLensError(f"{path} is not an sslens trainer state (missing {missing[0]!r}); it is refused")
+    return state
 
 
 def load_model(path: str | Path, step: int | None = None) -> HookedLlama:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -163,11 +164,13 @@ def coerce(name: str, type_name: str, value: Any) -> Any:
     typ = _TYPES[type_name]
     if typ is float and isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if typ is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"{name} must be {type_name}, got {value!r}")
@@ -205,7 +208,7 @@ def load_train_config(name_or_path: str | Path, **overrides: Any) -> tuple[Model
     """Model and training configs from a preset name or YAML file, then `key=value` overrides of either."""
     values = {**_read_config(name_or_path), **overrides}
     model_keys, train_keys = {f.name for f in settable_fields()}, {f.name for f in settable_fields(TrainConfig)}
-    unknown = sorted(set(values) - model_keys - train_keys)
+    unknown = sorted(map(str, set(values) - model_keys - train_keys))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; see `sslens train --help` for the keys")
     return (ModelConfig.from_dict({k: v for k, v in values.items() if k in model_keys}),
@@ -217,7 +220,10 @@ def _read_config(name_or_path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file; a config is YAML text") from None
     elif str(name_or_path) in preset_names():
         text = resources.files("sslens.presets").joinpath(f"{name_or_path}.yaml").read_text()
     else:

@@ -156,38 +156,37 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             if changed:
                 raise SSLensError(f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
                                   f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
+        tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
+        accum = max(1, cfg.total_batch_size // tokens_per_micro)
+        if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
+            raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
         torch.manual_seed(cfg.seed)
+        model = HookedLlama(model_cfg)
+        model.init_weights(cfg.seed)
+        schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
+        if main:
+            check_free_space(run_dir, model, len(schedule))
         train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
 
         def write_tokenizer_and_config() -> None:
-            if cfg.resume or (run_dir / "tokenizer.json").is_file():
+            if cfg.resume:
                 tok = load_tokenizer(run_dir / "tokenizer.json")
             elif cfg.tokenizer:
                 tok = load_tokenizer(cfg.tokenizer)
             else:
                 tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
+            model.tokenizer = tok  # refuses one larger than d_vocab, before anything is written
             save_tokenizer(tok, run_dir / "tokenizer.json")
             write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
             tokenize(train_stories, tok), tokenize(val_stories, tok)  # fill the cache once, for every rank
 
         _on_rank0(world, write_tokenizer_and_config)
-        tok = load_tokenizer(run_dir / "tokenizer.json")
-
-        tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
-        accum = max(1, cfg.total_batch_size // tokens_per_micro)
-        if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
-            raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
+        model.tokenizer = tok = load_tokenizer(run_dir / "tokenizer.json")
         batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
         rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of each global batch
         val = Batches(tokenize(val_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
-
-        model = HookedLlama(model_cfg, tok)
-        model.init_weights(cfg.seed)
         model.to(device).train()
         optimizer = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, device)
-        schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
-        if main:
-            check_free_space(run_dir, model, len(schedule))
         step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
     forward = torch.compile(model) if use_compile(cfg, device) else model
     if world > 1:
@@ -223,12 +222,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
                 loss.backward()
                 loss_sum += _mean_over_ranks(loss.detach(), world)
-            if not math.isfinite(loss_sum):
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # before the step: weights stay finite
                 kept = saved_steps(run_dir)
-                raise SSLensError(f"the loss is {loss_sum} at step {step + 1}; training stopped. The newest good "
+                raise SSLensError(f"the loss is {loss_sum} and the gradient norm {grad_norm} at step {step + 1}; "
+                                  "training stopped. The newest good "
                                   + (f"checkpoint is step {kept[-1]}" if kept else "state is the initialisation (no checkpoint yet)")
                                   + ": lower --lr or check the data, then --resume")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -4,6 +4,7 @@ Most cases call the CLI's own entry point, `sslens.cli.main`, in this process (t
 handling and exit code as the console script, without a fresh interpreter per case); a few run the real
 subprocess to show the two agree. The config and override parsers are fuzzed with hypothesis."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,14 +64,23 @@ TRAIN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("out_exists", [False, True], ids=["new out_dir", "existing out_dir"])
 @pytest.mark.parametrize("case, words", TRAIN_CASES, ids=[w for _, w in TRAIN_CASES])
-def test_train_refusals_write_nothing(case, words, files, capsys):
+def test_train_refusals_write_nothing(case, words, out_exists, files, capsys):
+    """Refused before anything is written: a new out_dir is not left behind, an existing one is left as it was."""
     args = case(files)
     out = files / "run"
+    if out_exists:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
     extra = [] if any(a.startswith("--out_dir") for a in args) else [f"--out_dir={out}"]
     config, *rest = args
     expect_refusal(capsys, ["train", config, *TINY, *rest, *extra], words)
-    assert not out.exists() and (files / "a_file").read_text() == "keep me"
+    assert (files / "a_file").read_text() == "keep me"
+    if out_exists:
+        assert [p.name for p in out.rglob("*")] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    else:
+        assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +105,17 @@ def model_dirs(tmp_path_factory):
     return {"run": run, "truncated": truncated, "other": other, "root": root}
 
 
-@pytest.mark.parametrize("which, args, words", [
+GENERATE_CASES = [
     ("missing", [], "not found"),
     ("truncated", [], "model.safetensors is unreadable or from another config"),
     ("other", [], "model.safetensors is unreadable or from another config"),
     ("run", ["--prompt", "once " * 40], "the context is 32, so at most 31"),
     ("run", ["--prompt", ""], "empty prompt"),
     ("run", ["--prompt", "hello", "--temperature", "-1"], "temperature must be >= 0"),
-])
+]
+
+
+@pytest.mark.parametrize("which, args, words", GENERATE_CASES)
 def test_generate_refusals(which, args, words, model_dirs, capsys):
     path = model_dirs["root"] / "nowhere" if which == "missing" else model_dirs[which]
     before = sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file())
@@ -117,18 +130,39 @@ def test_a_non_ascii_prompt_is_continued_not_refused(model_dirs, capsys):
     assert out.startswith("Élodie’s café 🙂") and len(out) > len("Élodie’s café 🙂")
 
 
-def test_probe_unknown_label(model_dirs, capsys):
-    expect_refusal(capsys, ["probe", str(model_dirs["run"]), "--label", "colour", "--max_stories", "20"],
-                   "has no label column 'colour'")
+def test_probe_unknown_label(model_dirs, tmp_path, capsys):
+    before = sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file())
+    expect_refusal(capsys, ["probe", str(model_dirs["run"]), "--label", "colour", "--max_stories", "20",
+                            "--out", str(tmp_path / "probe")], "has no label column 'colour'")
+    assert not (tmp_path / "probe").exists()
+    assert sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file()) == before
 
 
-@pytest.mark.parametrize("args, words", [
-    (["train", "1.25M", "--n_layers=two"], "n_layers must be"),
-    (["generate", "/nonexistent/model"], "not found"),
-])
-def test_the_console_command_agrees(args, words):
-    r = subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr and "Traceback" not in r.stderr
+@pytest.mark.slow
+def test_the_console_command_agrees_on_every_case(files, model_dirs):
+    """The whole matrix again, each case a real `python -m sslens` process (four at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = files / "run"
+    cases = [(["train", *case(files)[:1], *TINY, *case(files)[1:]]
+              + ([] if any(a.startswith("--out_dir") for a in case(files)) else [f"--out_dir={out}"]), words)
+             for case, words in TRAIN_CASES]
+    cases += [(["generate", str(model_dirs["root"] / "nowhere" if which == "missing" else model_dirs[which]), *args], words)
+              for which, args, words in GENERATE_CASES]
+    cases += [(["probe", str(model_dirs["run"]), "--label", "colour", "--max_stories", "20"], "has no label column 'colour'")]
+    before = sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file())
+
+    def run(args: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, [args for args, _ in cases]))
+    for (args, words), r in zip(cases, results):
+        assert r.returncode == 2 and r.stderr.startswith("sslens: error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
+        assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not out.exists() and (files / "a_file").read_text() == "keep me"
+    assert sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file()) == before
 
 
 KEYS = [f.name for f in settable_fields()] + [f.name for f in settable_fields(TrainConfig)]
@@ -142,7 +176,8 @@ values = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str), st
 def test_overrides_either_parse_into_a_valid_config_or_are_refused(items):
     try:
         model_cfg, cfg = load_train_config("1.25M", **parse_overrides(items))
-    except (ConfigError, SSLensError):
+    except (ConfigError, SSLensError) as e:
+        assert str(e) and "\n" not in str(e)
         return
     assert model_cfg.d_model % model_cfg.n_heads == 0 and model_cfg.n_heads % model_cfg.n_key_value_heads == 0
     assert cfg.lr > 0 and cfg.max_steps > 0
@@ -154,14 +189,18 @@ yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-1000
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.dictionaries(st.sampled_from(KEYS[:12]), yaml_values, max_size=12).map(yaml.safe_dump),
-                 st.text(max_size=80)))
-def test_config_files_either_load_or_are_refused(tmp_path, text):
+@given(st.one_of(st.dictionaries(st.one_of(st.sampled_from(KEYS[:12]), st.integers(), st.booleans(), st.none(),
+                                           st.text(max_size=5)), yaml_values, max_size=12)
+                 .map(lambda d: yaml.safe_dump(d, sort_keys=False).encode()),
+                 st.text(max_size=80).map(str.encode), st.binary(max_size=80)))
+def test_config_files_either_load_or_are_refused(tmp_path, data):
+    """Mapping files with keys of any type, any text, and bytes that are not UTF-8: a config or one line."""
     path = Path(tmp_path) / "fuzz.yaml"
-    path.write_text(text)
+    path.write_bytes(data)
     try:
         cfg = load_config(path)
-    except (ConfigError, SSLensError):
+    except (ConfigError, SSLensError) as e:
+        assert str(e) and "\n" not in str(e)
         return
     assert cfg.d_model % cfg.n_heads == 0 and cfg.d_vocab > 0 and cfg.n_layers > 0
 
@@ -188,3 +227,16 @@ def test_a_pickle_payload_as_trainer_state_is_refused_not_executed(model_dirs, t
     err = capsys.readouterr().err
     assert "trainer.pt is unreadable (UnpicklingError); it is refused, not executed" in err and not marker.exists()
     assert (run / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_a_trainer_state_with_missing_keys_is_named_not_a_traceback(model_dirs, tmp_path):
+    import torch
+
+    from sslens.checkpoint import load_trainer_state, saved_steps
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dirs["run"], run)
+    newest = saved_steps(run)[-1]
+    torch.save({"step": newest}, run / "checkpoints" / f"step_{newest:07d}" / "trainer.pt")
+    with pytest.raises(SSLensError, match=r"trainer.pt is not an sslens trainer state \(missing 'optimizer'\)"):
+        load_trainer_state(run, newest)

@@ -86,11 +86,27 @@ def test_refusals(tmp_path):
         train(*tiny(tmp_path, "--max_steps=2", name="file"))
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    with pytest.raises(SSLensError, match=r"the loss is (nan|inf) at step \d+; training stopped. The newest good checkpoint is step"):
-        train(*tiny(tmp_path, "--max_steps=30", "--lr=1e12", "--warmup_steps=0", "--grad_clip=0"))
-    steps = saved_steps(tmp_path / "run")
-    assert steps and all(torch.isfinite(load_model(tmp_path / "run", step=s).W_E).all() for s in steps)
+@pytest.mark.parametrize("fault", ["nan loss", "inf gradient, finite loss"])
+def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
+    """The 6th training loss is NaN, or finite with an infinite gradient (sqrt at 0): training stops at step 6,
+    naming it, before the optimizer writes non-finite weights; checkpoints 0, 1, 2, 4 remain and are finite."""
+    import sslens.train
+
+    cross_entropy, calls = sslens.train.F.cross_entropy, []
+
+    def faulty(logits, targets, *args, **kwargs):
+        calls.append(1)
+        loss = cross_entropy(logits, targets, *args, **kwargs)
+        if len(calls) != 6:
+            return loss
+        return loss * float("nan") if fault == "nan loss" else loss + torch.sqrt(logits.sum() - logits.sum().detach())
+
+    monkeypatch.setattr(sslens.train.F, "cross_entropy", faulty)
+    with pytest.raises(SSLensError, match=r"the loss is .* at step 6; training stopped. The newest good checkpoint is step 4"):
+        train(*tiny(tmp_path, "--max_steps=30"))
+    assert saved_steps(tmp_path / "run") == [0, 1, 2, 4]
+    assert all(torch.isfinite(p).all() for s in (0, 1, 2, 4) for p in load_model(tmp_path / "run", step=s).parameters())
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -158,6 +174,36 @@ def test_sigkill_at_random_points_leaves_only_complete_checkpoints(tmp_path):
         final = load_model(run)
         assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), reference.state_dict().values()))
         assert [m["step"] for m in metrics(run)] == list(range(1, 31))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nth_write", [3, 6])
+def test_sigkill_inside_a_checkpoint_write(tmp_path, nth_write):
+    """The process kills itself inside its nth checkpoint write (weights written, trainer state not): that step is
+    a `.tmp-` directory only, never a checkpoint; resume continues from the one before and ends bitwise equal."""
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    args = [*TINY, "--max_steps=12", f"--tokenizer={tmp_path / 'tok.json'}"]
+    reference = load_model(train(*tiny(tmp_path, *args[len(TINY):], name="reference")))
+    run = tmp_path / "killed"
+    dying_save = ("import os, signal, sys, torch\nfrom sslens.cli import main\nsave, calls = torch.save, []\n"
+                  "def save_or_die(obj, f):\n    calls.append(f)\n"
+                  f"    if len(calls) == {nth_write}: os.kill(os.getpid(), signal.SIGKILL)\n"
+                  "    save(obj, f)\ntorch.save = save_or_die\nmain(sys.argv[1:])\n")
+    cmd = ["train", "1.25M", *args, f"--out_dir={run}"]
+    killed = subprocess.run([sys.executable, "-c", dying_save, *cmd], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    partial = [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert len(partial) == 1 and {p.name for p in partial[0].iterdir()} == {"model.safetensors"}
+    assert saved_steps(run) == [0, 1, 2, 4, 8][:nth_write - 1]
+    r = subprocess.run([sys.executable, "-m", "sslens", *cmd, "--resume"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert saved_steps(run) == [0, 1, 2, 4, 8, 12] and not list((run / "checkpoints").glob(".tmp-*"))
+    final = load_model(run)
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), reference.state_dict().values()))
+    assert [m["step"] for m in metrics(run)] == list(range(1, 13))
 
 
 def test_a_corrupted_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
