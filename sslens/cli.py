@@ -7,10 +7,8 @@ import json
 import sys
 import time
 
-from .config import parse_overrides, preset_names
+from .config import DEFAULT_PROBE_HOOKS, parse_overrides, preset_names
 from .errors import SSLensError
-
-DEFAULT_PROBE_HOOKS = ("hook_embed", "blocks.*.hook_resid_post")  # as sslens.probe.DEFAULT_HOOKS, without importing torch
 
 
 def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:

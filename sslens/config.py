@@ -14,6 +14,9 @@ import yaml
 from .errors import ConfigError
 
 
+DEFAULT_PROBE_HOOKS = ("hook_embed", "blocks.*.hook_resid_post")  # sslens probe; here so the CLI needs no torch
+
+
 @dataclass
 class ModelConfig:
     """A Llama as published for SimpleStories: pre-norm RMSNorm, RoPE, GQA, SwiGLU, tied embeddings.

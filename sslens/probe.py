@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -38,13 +39,13 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm  # text bars: notebooks need no ipywidgets
 
+from .config import DEFAULT_PROBE_HOOKS as DEFAULT_HOOKS
 from .errors import SSLensError
 from .generate import left_pad
 from .model import HookedLlama
 from .tokenizer import encode_batch
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # scikit-learn's C: inverse L2 strength
-DEFAULT_HOOKS = ("hook_embed", "blocks.*.hook_resid_post")
 _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")  # [batch, head, q_pos, k_pos]: no per-token pooling
 
 
@@ -79,7 +80,8 @@ def resolve_hooks(model: HookedLlama, patterns: Sequence[str]) -> list[str]:
 
 
 def story_tokens(model: HookedLlama, stories: Sequence[str]) -> list[list[int]]:
-    """Each story's token ids without [EOS], cut to the model's context."""
+    """Each story's token ids without [EOS], cut to the model's context (so a longer story is probed on its first
+    n_ctx tokens: its mean, or its n_ctx-th token for pool="last")."""
     if model.tokenizer is None:
         raise SSLensError("this model has no tokenizer attached, so stories cannot be encoded")
     ids = [row[:model.cfg.n_ctx] for row in encode_batch(model.tokenizer, list(stories), eos=False)]
@@ -95,8 +97,7 @@ def harvest(model: HookedLlama, tokens: Sequence[Sequence[int]], hooks: Sequence
     trailing dimensions flattened). Activations come from `run_with_cache` restricted to `hooks`, in batches of
     similar-length stories (left-padded), and the forward stops after the last layer needed. With `spill_dir`
     the arrays are .npy memory maps there, so a harvest larger than memory streams to disk."""
-    if pool not in ("mean", "last"):
-        raise SSLensError(f"pool must be 'mean' or 'last', not {pool!r}")
+    check_harvest(pool, batch_size)
     hooks = list(hooks)
     layers = [int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", h)) else None if h == "hook_embed" else -1 for h in hooks]
     stop = None if -1 in layers else max((l + 1 for l in layers if l is not None), default=0)
@@ -118,6 +119,13 @@ def harvest(model: HookedLlama, tokens: Sequence[Sequence[int]], hooks: Sequence
                 out[hook] = np.zeros(shape, np.float32) if path is None else np.lib.format.open_memmap(path, "w+", np.float32, shape)
             out[hook][rows] = pooled.cpu().numpy()
     return out
+
+
+def check_harvest(pool: str, batch_size: int) -> None:
+    if pool not in ("mean", "last"):
+        raise SSLensError(f"pool must be 'mean' or 'last', not {pool!r}")
+    if batch_size < 1:
+        raise SSLensError(f"batch_size must be at least 1, not {batch_size}")
 
 
 def story_type(story: str) -> str:
@@ -178,7 +186,7 @@ def fit(features: Float[np.ndarray, "story feature"], labels: np.ndarray, train:
     standardised with the training stories' mean and deviation; the C path is walked upwards, warm-started."""
     classes, y = np.unique(labels, return_inverse=True)
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32)
-    mean, std = x[train].mean(0), x[train].std(0).clamp(min=1e-6)
+    mean, std = x[train].mean(0), x[train].std(0, correction=0).clamp(min=1e-6)  # as scikit-learn's StandardScaler
     x, y = (x - mean) / std, torch.as_tensor(y)
     best, w = None, None
     for C in C_GRID:
@@ -227,6 +235,8 @@ def load_labelled(source: str | Path, label: str, split_name: str = "train", max
     `max_stories` if given."""
     from .data import load_stories
 
+    if max_stories is not None and max_stories < 2:
+        raise SSLensError(f"max_stories must be at least 2 (a probe needs stories to train and test on), not {max_stories}")
     ds = load_stories(source, split_name)
     if label not in ds.column_names:
         columns = [c for c in ds.column_names if c != "story"]
@@ -271,6 +281,7 @@ def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Se
         if not steps:
             raise SSLensError(f"{path} is not a run directory with checkpoints, so --steps all has nothing to probe")
     steps = list(steps or [None])
+    check_harvest(pool, batch_size)
     first = load_model(path, steps[0])  # loaded, and the hooks checked, before any progress bar
     names = resolve_hooks(first, hooks)
     if missing := [s for s in steps[1:] if s not in saved_steps(path)]:
@@ -285,11 +296,9 @@ def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Se
     return results
 
 
-def accuracy_figure(results: Sequence[ProbeResult], title: str = "probe accuracy"):
+def accuracy_figure(results: Sequence[ProbeResult], title: str = "probe accuracy") -> go.Figure:
     """Plotly figure of test accuracy: against training step (one line per hook) when there are several steps, else
     against hook. Dotted: the majority-class baseline and the best control accuracy."""
-    import plotly.graph_objects as go
-
     steps = sorted({r.step for r in results}, key=lambda s: -1 if s is None else s)
     hooks = list(dict.fromkeys(r.hook for r in results))
     fig = go.Figure()

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import f1_score
+from sklearn.preprocessing import StandardScaler
 
 from sslens import SSLensError, load_model
-from sslens.probe import (control_labels, harvest, load_labelled, logistic_regression, probe_steps, resolve_hooks,
-                          split, story_tokens, story_type)
+from sslens.probe import (C_GRID, accuracy_figure, control_labels, fit, harvest, load_labelled, logistic_regression,
+                          probe_features, probe_steps, resolve_hooks, split, story_tokens, story_type)
 
 
 def sslens(*args, **kwargs):
@@ -34,6 +36,44 @@ def test_logistic_regression_is_scikit_learns(C):
     np.testing.assert_allclose(ours, oracle.predict_proba(x.numpy()), atol=2e-3)
 
 
+def scaled_blobs(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Four overlapping classes in six features of very different scales (so standardising matters)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    x = (rng.normal(size=(4, 6))[y] + 1.2 * rng.normal(size=(n, 6))) * np.array([1, 30, 0.03, 1, 8, 1])
+    return x, np.array([f"class{i}" for i in y])
+
+
+def test_fit_standardises_and_chooses_C_on_validation_as_scikit_learn_would():
+    x, labels = scaled_blobs()
+    train, val, test = split(list(labels))
+    accuracy, macro_f1, C = fit(x, labels, train, val, test)
+    xs = StandardScaler().fit(x[train]).transform(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracles = {c: LogisticRegression(C=c, tol=1e-8, max_iter=5000).fit(xs[train], labels[train]) for c in C_GRID}
+    val_scores = {c: (clf.predict(xs[val]) == labels[val]).mean() for c, clf in oracles.items()}
+    assert val_scores[C] >= max(val_scores.values()) - 1 / len(val)  # the C validation picks, up to one story
+    predicted = oracles[C].predict(xs[test])
+    assert accuracy == pytest.approx((predicted == labels[test]).mean(), abs=1 / len(test) + 1e-9)
+    assert macro_f1 == pytest.approx(f1_score(labels[test], predicted, average="macro"), abs=0.02)
+
+
+def test_probe_report_against_hand_counts():
+    x, labels = scaled_blobs(400, seed=1)
+    stories = [f"{w} story {i}" for i, w in enumerate(np.random.default_rng(2).choice(["once", "the", "tom", "a"], 400))]
+    (result,) = probe_features({"hook_embed": x}, stories, list(labels), step=7)
+    train, val, test = split(list(labels))
+    most_common = max(set(labels[train]), key=list(labels[train]).count)
+    assert result.majority == pytest.approx((labels[test] == most_common).mean())
+    assert result.selectivity == pytest.approx(result.accuracy - result.control_accuracy)
+    assert (result.n_train, result.n_test, result.n_classes, result.step) == (len(train), len(test), 4, 7)
+    assert result.accuracy == fit(x, labels, train, val, test)[0]
+    control = np.asarray(control_labels(stories, list(labels), train))
+    assert result.control_accuracy == fit(x, control, train, val, test)[0]
+    assert result.accuracy > 2 * result.majority  # the classes are separable enough to show it
+
+
 def test_harvest_equals_each_story_run_alone(tiny_run, tmp_path):
     model = load_model(tiny_run)
     stories, _ = load_labelled("synth:2000", "theme", max_stories=5)
@@ -49,8 +89,8 @@ def test_harvest_equals_each_story_run_alone(tiny_run, tmp_path):
             for hook in hooks:
                 act = cache[hook][0].flatten(1)
                 expected = act.mean(0) if pool == "mean" else act[-1]
-                np.testing.assert_allclose(got[hook][i], expected.detach().numpy(), atol=1e-5)
-                np.testing.assert_allclose(spilled[hook][i], got[hook][i], atol=1e-5)
+                np.testing.assert_allclose(got[hook][i], expected.detach().numpy(), rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(spilled[hook][i], got[hook][i], rtol=1e-5, atol=1e-5)
         assert isinstance(spilled[hooks[0]], np.memmap) and (tmp_path / "hook_embed.npy").is_file()
     # Only the layers needed are run: a harvest of the embedding alone must not reach block 0.
     calls = []
@@ -76,15 +116,18 @@ def test_control_task_labels_are_per_story_type():
 
 
 def test_theme_probe_on_a_trained_run(tiny_run, tmp_path):
-    """The protocol on the embedded corpus: after training, the best hook decodes theme far above the majority
-    baseline and above its control task; at step 0 no block does better than the token embedding alone."""
+    """The protocol on the embedded corpus: after training, the best block decodes theme far above the majority
+    baseline and above its control task; at step 0 no block decodes more than the token embedding alone. (Not
+    "as much": at initialisation the pre-norm blocks add random mixing of about the embedding's size, which here
+    takes mean-pooled theme accuracy from about 0.48 at hook_embed to about 0.32 at the blocks.)"""
     stories, labels = load_labelled("synth:2000", "theme")
     results = probe_steps(tiny_run, [0, 300], stories, labels)
     by_step = {s: {r.hook: r for r in results if r.step == s} for s in (0, 300)}
-    best = max(by_step[300].values(), key=lambda r: r.accuracy)
+    best = max((r for h, r in by_step[300].items() if h.startswith("blocks.")), key=lambda r: r.accuracy)
     assert best.accuracy > 5 * best.majority and best.accuracy > best.control_accuracy + 0.1
     at_init = by_step[0]
-    assert max(r.accuracy for h, r in at_init.items() if h != "hook_embed") <= at_init["hook_embed"].accuracy + 0.05
+    embed = at_init["hook_embed"].accuracy
+    assert all(r.accuracy <= embed + 0.05 for h, r in at_init.items() if h.startswith("blocks."))
     assert {r.n_classes for r in results} == {len(set(labels))} and all(r.n_train + r.n_test < 2000 for r in results)
 
 
@@ -101,6 +144,26 @@ def test_probe_command(tiny_run, tmp_path):
     assert "blocks.1.hook_resid_post" in done.stdout and "plotly" in (out / "accuracy.html").read_text()[:100_000]
 
 
+def test_probe_every_checkpoint(tiny_run, tmp_path):
+    """--steps all: one row per checkpoint and hook, and a figure with one line per hook over the steps."""
+    from sslens.checkpoint import saved_steps
+    from sslens.probe import ProbeResult
+
+    out = tmp_path / "out"
+    done = sslens("probe", str(tiny_run), "--label", "theme", "--steps", "all", "--max_stories", "200",
+                  "--hooks", "blocks.*.hook_resid_post", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    steps, hooks = saved_steps(tiny_run), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    results = [ProbeResult(**r) for r in json.loads((out / "results.json").read_text())["results"]]
+    assert [(r.step, r.hook) for r in results] == [(s, h) for s in steps for h in hooks]
+    lines = accuracy_figure(results).data
+    assert [t.name for t in lines] == [*hooks, "majority class", "control task (best hook)"]
+    assert list(lines[1].x) == [str(s) for s in steps]
+    assert list(lines[1].y) == [r.accuracy for r in results if r.hook == hooks[1]]
+    assert all(h in (out / "accuracy.html").read_text() for h in hooks)
+    assert "checkpoints" in done.stderr  # the progress bar over checkpoints
+
+
 @pytest.mark.parametrize("args, message", [
     (["--label", "colour"], "has no label column 'colour'; its columns: topic, theme"),
     (["--label", "theme", "--hooks", "blocks.9.*"], "no hook matches blocks.9.*"),
@@ -108,6 +171,8 @@ def test_probe_command(tiny_run, tmp_path):
     (["--label", "theme", "--steps", "last"], "--steps takes 'all' or step numbers"),
     (["--label", "theme", "--steps", "3"], "no checkpoint at step 3"),
     (["--label", "theme", "--data", "missing.parquet"], "data path missing.parquet not found"),
+    (["--label", "theme", "--batch_size", "0"], "batch_size must be at least 1, not 0"),
+    (["--label", "theme", "--max_stories", "-3"], "max_stories must be at least 2"),
 ])
 def test_probe_refusals(tiny_run, args, message):
     done = sslens("probe", str(tiny_run), "--max_stories", "50", *args)
