@@ -28,9 +28,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -44,6 +44,9 @@ from .errors import SSLensError
 from .generate import left_pad
 from .model import HookedLlama
 from .tokenizer import encode_batch
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # scikit-learn's C: inverse L2 strength
 _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")  # [batch, head, q_pos, k_pos]: no per-token pooling
@@ -299,6 +302,8 @@ def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Se
 def accuracy_figure(results: Sequence[ProbeResult], title: str = "probe accuracy") -> go.Figure:
     """Plotly figure of test accuracy: against training step (one line per hook) when there are several steps, else
     against hook. Dotted: the majority-class baseline and the best control accuracy."""
+    import plotly.graph_objects as go  # only here: harvesting and fitting need no plotting library
+
     steps = sorted({r.step for r in results}, key=lambda s: -1 if s is None else s)
     hooks = list(dict.fromkeys(r.hook for r in results))
     fig = go.Figure()
