@@ -155,7 +155,8 @@ def load_trainer_state(run_dir: Path, step: int) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SSLensError(f"{path} is unreadable ({type(e).__name__}); it is refused, not executed") from None
-    missing = [k for k in ("step", "optimizer", "data_position", "torch_rng") if k not in state] if isinstance(state, dict) else ["all"]
+    keys = ("step", "optimizer", "data_position", "torch_rng")
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
     if missing:
         raise SSLensError(f"{path} is not an sslens trainer state (missing {missing[0]!r}); it is refused")
     return state

@@ -107,6 +107,8 @@ class TrainConfig:
                          "or on a CPU with a C++ compiler for inductor)", "auto")
     val_every: int = _help("validation loss every this many steps (and at the end)", 100)
     val_batches: int = _help("batches of held-out data per validation", 8)
+    val_samples: int = _help("stories of 48 tokens written from 'Once upon a time' at each validation, logged in "
+                             "metrics.jsonl (and WandB) as 'samples'; 0: none", 2)
     log_every: int = _help("a metrics.jsonl line every this many steps", 10)
     checkpoint_schedule: str = _help("log (0, powers of two to 1024, then every checkpoint_every), linear, or a "
                                      "list like 0,50,100", "log")
@@ -123,7 +125,7 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "val_every", "val_batches", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("total_batch_size", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed"):
+        for name in ("total_batch_size", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed", "val_samples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:

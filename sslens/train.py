@@ -34,6 +34,9 @@ from .model import HookedLlama
 from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 
+SAMPLE_PROMPT = "Once upon a time"
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to lr, then cosine down to min_lr_ratio x lr at max_steps."""
     if step < cfg.warmup_steps:
@@ -164,8 +167,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
         model = HookedLlama(model_cfg)
         model.init_weights(cfg.seed)
         schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
-        if main:
-            check_free_space(run_dir, model, len(schedule))
+        _on_rank0(world, lambda: check_free_space(run_dir, model, len(schedule)))  # a refusal reaches every rank
         train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
 
         def write_tokenizer_and_config() -> None:
@@ -238,6 +240,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                       "tok_s": round(accum * tokens_per_micro * world / seconds), "mfu": round(step_flops / seconds / peak, 4)}
             if step % cfg.val_every == 0 or step == cfg.max_steps:
                 record["val_loss"] = round(validation_loss(model, val, cfg.val_batches, device, amp), 6)
+                if main and cfg.val_samples:  # seeded by the step: resume writes the same stories, global RNG untouched
+                    record["samples"] = [SAMPLE_PROMPT + s.text for s in model.generate(
+                        SAMPLE_PROMPT, 48, temperature=0.8, top_k=40, seed=step, num_samples=cfg.val_samples)]
             if step % cfg.log_every == 0 or "val_loss" in record or step in schedule:
                 log.write(json.dumps(record) + "\n")
                 log.flush()

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -61,6 +62,8 @@ def test_run_directory_and_loading(tmp_path):
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["tokens"] == 12 * 4 * 32
     assert {"loss", "lr", "grad_norm", "tok_s"} <= set(rows[0]) and "val_loss" in rows[9] and "val_loss" in rows[-1]
+    assert [len(r["samples"]) for r in rows if "samples" in r] == [2, 2] and "samples" in rows[9]
+    assert all(s.startswith("Once upon a time") and len(s) > len("Once upon a time") for s in rows[9]["samples"])
     assert rows[-1]["loss"] < rows[0]["loss"]
     newest, at4 = load_model(run), load_model(run, step=4)
     weights12 = load_file(run / "checkpoints" / "step_0000012" / "model.safetensors")
@@ -84,6 +87,44 @@ def test_refusals(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SSLensError, match="is a file"):
         train(*tiny(tmp_path, "--max_steps=2", name="file"))
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """batch_size 2 with total_batch_size of 4 sequences (two micro-batches per step) follows batch_size 4."""
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    tok = f"--tokenizer={tmp_path / 'tok.json'}"
+    big = train(*tiny(tmp_path, "--max_steps=6", "--batch_size=4", tok, name="big"))
+    accumulated = train(*tiny(tmp_path, "--max_steps=6", "--batch_size=2", "--total_batch_size=128", tok, name="accum"))
+    assert [m["tokens"] for m in metrics(accumulated)] == [m["tokens"] for m in metrics(big)]
+    assert [m["loss"] for m in metrics(accumulated)] == pytest.approx([m["loss"] for m in metrics(big)], abs=1e-5)
+    a, b = load_model(accumulated), load_model(big)
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_weight_decay_on_two_dimensional_weights_only():
+    from sslens import HookedLlama
+    from sslens.train import adamw
+
+    model = HookedLlama.from_preset("1.25M", n_layers=2)
+    decay, no_decay = adamw(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.9, 0.95)
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(n for n in names.values() if n.endswith(".w"))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names) and not decay["fused"]
+
+
+def test_train_help_lists_every_key_with_its_default():
+    from sslens.config import ModelConfig, TrainConfig, settable_fields
+
+    out = subprocess.run([sys.executable, "-m", "sslens", "train", "--help"], capture_output=True, text=True,
+                         check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    for f in settable_fields(TrainConfig):
+        assert re.search(rf"^  {f.name} +\S.* \[{re.escape(repr(f.default))}\]$", out, re.M), f.name
+    model_keys = out.split("model keys")[1]
+    assert all(f.name in model_keys for f in settable_fields(ModelConfig))
 
 
 @pytest.mark.parametrize("fault", ["nan loss", "inf gradient, finite loss"])
@@ -135,6 +176,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
     assert [m["step"] for m in metrics(run)] == list(range(1, 41))
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
+    assert [m.get("samples") for m in metrics(run)] == [m.get("samples") for m in metrics(reference)]
 
 
 @pytest.mark.slow
