@@ -107,8 +107,9 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
 
 
 def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_tokens: int = 200, top_k: int = 40,
-                   reps: int = 3, device: str = "cpu") -> list[Row]:
-    """Sampling (top-k, temperature 1, no early stop) from a 16-token prompt against HF `generate`, same weights."""
+                   reps: int = 3, compiled: tuple[bool, ...] = (False, True), device: str = "cpu") -> list[Row]:
+    """Sampling (top-k, temperature 1, no early stop) from a 16-token prompt against HF `generate`, same weights:
+    sslens eager and with `compile=True` (compiled once before timing; HF stays eager, its default)."""
     from .generate import generate
 
     model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
@@ -116,12 +117,14 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
     rows = []
     for batch in batches:
         prompt = torch.randint(2, model.cfg.d_vocab, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
-        name, peer, goal = f"generate_b{batch}_vs_hf", "HF generate (KV cache, top-k)", 4.0 if batch == 1 else None
-        rows.append(attempt(name, peer, goal, lambda: compare(
-            name, lambda: generate(model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False), peer,
-            lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                                top_k=top_k, eos_token_id=None, pad_token_id=0),
-            batch * new_tokens, reps, goal)))
+        for compile_ in compiled:
+            name = f"generate_b{batch}{'_compiled' if compile_ else ''}_vs_hf"
+            peer, goal = "HF generate (KV cache, top-k)", 4.0 if batch == 1 and compile_ else None
+            rows.append(attempt(name, peer, goal, lambda: compare(
+                name, lambda: generate(model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False, compile=compile_),
+                peer, lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
+                                          top_k=top_k, eos_token_id=None, pad_token_id=0),
+                batch * new_tokens, reps, goal)))
     return rows
 
 
@@ -245,13 +248,15 @@ def bench_suite(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
                 quick: bool = False) -> tuple[list[Row], dict]:
     """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
 
-    Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, no compiled training, one warm explorer run.
+    Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, nothing compiled, one warm
+    explorer run.
     """
     check_device(device)
     reps = 2 if quick else reps
     few = max(1, reps // 2)
     rows = bench_model(preset, batch, seq, reps, device)
-    rows += bench_generate(preset, new_tokens=50 if quick else 200, reps=few, device=device)
+    rows += bench_generate(preset, new_tokens=50 if quick else 200, reps=few, compiled=(False,) if quick else (False, True),
+                           device=device)
     rows += bench_train(("1.25M", preset) if preset != "1.25M" else ("1.25M",), batch, seq, max(2, few),
                         train_dtypes(device), compiled=(False,) if quick else (False, True), device=device)
     probe_rows, probe_fit = bench_probe(preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000,

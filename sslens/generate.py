@@ -6,19 +6,24 @@ step costs one token's forward instead of the whole context. Hooks attached to t
 
 Length rule: prompt + new tokens never exceed n_ctx; a prompt needs at least one free position, and
 `max_new_tokens` is cut to what fits.
+
+`compile=True` runs the one-token steps through `torch.compile` (the prompt itself runs eagerly): the first call
+compiles for some seconds, later steps cost about half (BENCHMARKS.md). It applies while no hook is attached;
+with hooks the steps run eagerly, so hooks see every step exactly as without compiling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .errors import SSLensError
-from .model import HookedLlama, KVCache
+from .model import HookedLlama, KVCache, hooks_attached
 from .tokenizer import EOS, encode
 
 
@@ -64,11 +69,59 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, m
         raise SSLensError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
 
 
+def _row_times_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """aten.mm of a single row by a matrix, on CPU, as a multiply-and-sum that inductor compiles to one vectorised
+    loop: about twice as fast as the BLAS call it replaces for a one-token step's projections (BENCHMARKS.md).
+    The row goes through `as_strided`, which makes inductor compute it once (an RMSNorm, say) rather than
+    inline it into every tile of the loop."""
+    if a.device.type != "cpu" or not guard_or_false(a.shape[0] == 1):
+        return NotImplemented
+    return (torch.as_strided(a, (a.shape[1], 1), (a.stride(1), 1)) * b).sum(0, keepdim=True)
+
+
+def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """The inductor backend, with single-row matrix products decomposed as `_row_times_matrix` does. The
+    AOTAutograd cache is off: its key ignores decompositions, so it could hand back a graph compiled without ours
+    (inductor's own cache, keyed on the decomposed graph, still saves recompiling in a later process)."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(),
+                                                              torch.ops.aten.mm.default: _row_times_matrix})
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_global_forward_hooks",
+              "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
+              "_global_module_registration_hooks")
+
+
+def _skip_hook_guards(guards: list) -> list[bool]:
+    """Keep every dynamo guard but those on hook dictionaries: half of all guards, checked on every step (about
+    0.1 ms of a 0.7 ms step on CPU). `step_function` checks for hooks itself, once per stream."""
+    return [not guard.name.endswith(HOOK_DICTS) for guard in guards]
+
+
+def step_function(model: HookedLlama, compile: bool) -> Callable[..., Tensor]:
+    """What runs a stream's one-token steps: the model, or with `compile` and no hook attached anywhere in it, its
+    forward compiled once per model, for any cache length (dynamic shapes) and, on first use of each, per batch
+    size. A hook attached in the middle of a stream takes effect from the next stream."""
+    if not compile or any(hooks_attached(m) for m in model.modules()):
+        return model
+    step = getattr(model, "_compiled_step", None)
+    if step is None:
+        step = model._compiled_step = torch.compile(model.forward, backend=_inductor, dynamic=True,
+                                                    options={"guard_filter_fn": _skip_hook_guards})
+    return step
+
+
 @torch.inference_mode()
 def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
            *, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None,
-           eos: int | None = None) -> Iterator[tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]]:
+           generator: torch.Generator | None = None, eos: int | None = None,
+           compile: bool = False) -> Iterator[tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]]:
     """Yield each step's new tokens and their log-probabilities. Rows are left-padded prompts (`attention_mask`
     0 at padding). A row that produced `eos` keeps producing it; the stream ends when every row has."""
     check_settings(temperature, top_k, top_p, max_new_tokens)
@@ -81,6 +134,7 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
     cache = KVCache(model.cfg, batch, model.W_E.device, model.W_E.dtype)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
+    step_model = step_function(model, compile)
     steps = min(max_new_tokens, model.cfg.n_ctx - pos)
     for step in range(steps):
         next_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
@@ -91,7 +145,7 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
         yield next_tokens, logprobs
         if bool(finished.all()) or step + 1 == steps:
             return
-        logits = model(next_tokens[:, None], past_kv_cache=cache)[:, -1]
+        logits = step_model(next_tokens[:, None], past_kv_cache=cache)[:, -1]
 
 
 def prompt_ids(model: HookedLlama, prompt: str) -> list[int]:
@@ -118,7 +172,7 @@ def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "b
 
 def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 200,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             num_samples: int = 1, stop_at_eos: bool = True) -> list[Sample]:
+             num_samples: int = 1, stop_at_eos: bool = True, compile: bool = False) -> list[Sample]:
     """Continue each prompt `num_samples` times, all in one batch; a list of Samples, prompt by prompt.
 
     Prompts are strings (encoded with the model's tokenizer, no [EOS]) or token-id lists. The same seed gives the
@@ -135,7 +189,7 @@ def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequenc
     device = model.W_E.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     steps = list(stream(model, tokens.to(device), mask.to(device) if not mask.all() else None, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos))
+                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos, compile=compile))
     new = torch.stack([t for t, _ in steps], 1).tolist() if steps else [[] for _ in ids]
     logprobs = torch.stack([lp for _, lp in steps], 1).tolist() if steps else [[] for _ in ids]
     samples = []
@@ -155,8 +209,8 @@ def continuation_text(tok, prompt: list[int], new: list[int]) -> str:
 
 
 def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Iterator[str]:
+                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                compile: bool = False) -> Iterator[str]:
     """Continue one prompt, yielding text as it is produced, whole words at a time (a later word piece or
     punctuation can change how the end of the text decodes, so the unfinished word is held back)."""
     ids = prompt_ids(model, prompt)
@@ -165,7 +219,7 @@ def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temp
     new: list[int] = []
     shown = ""
     steps = stream(model, torch.tensor([ids], device=model.W_E.device), max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos)
+                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos, compile=compile)
     for token, _ in steps:
         new.append(int(token))
         text = continuation_text(tok, ids, new)

@@ -26,6 +26,13 @@ from .errors import SSLensError
 from .tokenizer import encode
 
 
+def hooks_attached(module: nn.Module) -> bool:
+    """Whether any forward or backward hook (TransformerLens's, plain torch's, or a global one) could fire on `module`."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+                or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+
+
 class Hook(HookPoint):
     """A TransformerLens HookPoint that returns its input at once while nothing is attached to it, skipping
     nn.Module's call machinery: a model has ~20 per layer, and a one-token generation step mostly pays overhead."""
@@ -35,10 +42,7 @@ class Hook(HookPoint):
 
     @property
     def active(self) -> bool:
-        """Whether any forward or backward hook (TransformerLens's, plain torch's, or a global one) could fire."""
-        return bool(self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                    or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-                    or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+        return hooks_attached(self)
 
 
 class RMSNorm(nn.Module):
@@ -89,9 +93,9 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
-        shape = (cfg.n_layers, batch, cfg.n_key_value_heads, cfg.n_ctx, cfg.d_head)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, cfg.n_key_value_heads, cfg.n_ctx, cfg.d_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.key_mask = torch.ones(batch, cfg.n_ctx, device=device, dtype=torch.bool)
         self.next_position = torch.zeros(batch, device=device, dtype=torch.long)
         self.length = 0  # positions filled, padding included
@@ -167,9 +171,10 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if ctx.cache is not None:  # append this call's keys and values, attend over everything cached
             end = ctx.start + pos
-            ctx.cache.keys[self.layer, :, :, ctx.start:end] = k
-            ctx.cache.values[self.layer, :, :, ctx.start:end] = v
-            k, v = ctx.cache.keys[self.layer, :, :, :end], ctx.cache.values[self.layer, :, :, :end]
+            keys, values = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]
+            keys[:, :, ctx.start:end] = k
+            values[:, :, ctx.start:end] = v
+            k, v = keys[:, :, :end], values[:, :, :end]
         if self.pattern_needed():
             z = self.explicit_attention(q, k, v, ctx.mask)
         else:

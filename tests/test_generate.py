@@ -11,7 +11,7 @@ import torch
 from conftest import random_tokens
 
 from sslens import SSLensError, load_model
-from sslens.generate import left_pad, sample_tokens, stream
+from sslens.generate import left_pad, sample_tokens, step_function, stream
 from sslens.model import KVCache
 
 PROMPTS = ["once upon a time", "the little dog ran to the big tree and", "mia", "a storm came over the hills"]
@@ -183,6 +183,9 @@ def test_cli_prompt_and_json(model, tiny_run):
     r = sslens("generate", str(tiny_run), "--prompt", "once upon a time", "--temperature", "0", "--max_new_tokens", "20")
     expected = model.generate("once upon a time", max_new_tokens=20, temperature=0)[0]
     assert r.returncode == 0 and r.stdout == "once upon a time" + expected.text + "\n"
+    r = sslens("generate", str(tiny_run), "--prompt", "once upon a time", "--temperature", "0", "--max_new_tokens", "20",
+               "--compile")
+    assert r.returncode == 0 and r.stdout == "once upon a time" + expected.text + "\n"
     r = sslens("generate", str(tiny_run), "--step", "64", "--prompt", "the dog", "--json", "--seed", "1",
                "--top_k", "10", "--num_samples", "2", "--max_new_tokens", "8")
     rows = json.loads(r.stdout)
@@ -252,3 +255,33 @@ def read_until(fd: int, text: str, timeout: float = 60) -> str:
         if select.select([fd], [], [], 0.1)[0]:
             out += os.read(fd, 4096).decode()
     return out
+
+
+def test_compiled_steps_give_the_eager_tokens(model):
+    """compile=True: the greedy tokens and log-probs of the eager steps, alone and as a left-padded batch; a hook
+    attached afterwards still applies (the steps then run eagerly); one-row projections avoid BLAS."""
+    for prompts in ([PROMPTS[0]], PROMPTS):
+        eager = model.generate(prompts, max_new_tokens=30, temperature=0, stop_at_eos=False)
+        compiled = model.generate(prompts, max_new_tokens=30, temperature=0, stop_at_eos=False, compile=True)
+        assert [s.tokens for s in compiled] == [s.tokens for s in eager]
+        assert all(c.logprobs == pytest.approx(e.logprobs, abs=1e-4) for c, e in zip(compiled, eager))
+    sampled = [model.generate(PROMPTS[1], max_new_tokens=20, top_k=10, seed=4, compile=c)[0].tokens for c in (False, True)]
+    assert sampled[0] == sampled[1]
+
+    with torch.inference_mode():
+        cache = KVCache(model.cfg, 1)
+        model(torch.tensor([[5, 9, 200]]), past_kv_cache=cache)
+        step = step_function(model, compile=True)
+        assert step is not model
+        step(torch.tensor([[7]]), past_kv_cache=cache)
+        with torch.profiler.profile() as prof:
+            step(torch.tensor([[8]]), past_kv_cache=cache)
+    assert "aten::mm" not in {event.key for event in prof.key_averages()}
+
+    handle = model.blocks[0].mlp.down_proj.register_forward_hook(lambda module, args, out: out)  # a plain torch hook
+    assert step_function(model, compile=True) is model
+    handle.remove()
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    with model.hooks(fwd_hooks=[(last, lambda resid, hook: resid * 0)]):  # zero logits: argmax is token 0
+        assert model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == [0] * 5
+    assert model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == eager[0].tokens[:5]
