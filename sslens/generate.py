@@ -14,6 +14,7 @@ with hooks the steps run eagerly, so hooks see every step exactly as without com
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,24 +39,48 @@ class Sample:
     text: str | None
 
 
+def exponential_noise(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None,
+                      generator: torch.Generator | None) -> Float[Tensor, "batch candidates"] | None:
+    """The Exp(1) draws `choose` needs: one per candidate token (the k most likely with top-k, else the whole
+    vocabulary); None when greedy."""
+    if temperature == 0:
+        return None
+    candidates = logits.shape[-1] if top_k is None else min(top_k, logits.shape[-1])
+    return torch.empty(logits.shape[0], candidates, device=logits.device).exponential_(generator=generator)
+
+
+def choose(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, top_p: float | None,
+           noise: Float[Tensor, "batch candidates"] | None) -> tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]:
+    """One token per row, and its log-probability under the model (temperature 1, before top-k/top-p).
+
+    Temperature 0 is greedy; top-k keeps the k most likely tokens; top-p the smallest set whose probability reaches
+    p (the most likely token always stays); the order is HF's: temperature, k, p. A sample is the candidate with
+    the largest probability / noise: the exponential race torch.multinomial runs for one draw, so the same draws
+    give the same tokens, here and inside a compiled step.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+    else:
+        scaled = logits / temperature
+        if top_k is None and top_p is None:
+            tokens = (scaled.softmax(-1) / noise).argmax(-1)
+        else:
+            if top_k is not None:
+                values, indices = scaled.topk(noise.shape[-1])
+            else:
+                values, indices = scaled.sort(-1, descending=True)
+            if top_p is not None:
+                probs = values.softmax(-1)
+                values = values.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+            tokens = indices.gather(-1, (values.softmax(-1) / noise).argmax(-1, keepdim=True)).squeeze(-1)
+    return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
 def sample_tokens(logits: Float[Tensor, "batch d_vocab"], temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None, generator: torch.Generator | None = None) -> Int[Tensor, "batch"]:
-    """One token per row. Temperature 0 is greedy; top-k keeps the k most likely tokens; top-p the smallest set
-    whose probability reaches p (the most likely token always stays). The order is HF's: temperature, k, p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is None and top_p is None:
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-    if top_k is not None:
-        values, indices = logits.topk(min(top_k, logits.shape[-1]))
-    else:
-        values, indices = logits.sort(-1, descending=True)
-    if top_p is not None:
-        probs = values.softmax(-1)
-        values = values.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
-    choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
-    return indices.gather(-1, choice).squeeze(-1)
+    """One token per row, as `choose` picks it, with noise drawn from `generator`."""
+    return choose(logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator))[0]
 
 
 def check_settings(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
@@ -80,16 +105,18 @@ def _row_times_matrix(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """The inductor backend, with single-row matrix products decomposed as `_row_times_matrix` does. The
-    AOTAutograd cache is off: its key ignores decompositions, so it could hand back a graph compiled without ours
-    (inductor's own cache, keyed on the decomposed graph, still saves recompiling in a later process)."""
+    """The inductor backend, with single-row matrix products decomposed as `_row_times_matrix` does, and on CPU a
+    C++ wrapper around the kernels (a Python one costs ~0.15 ms per step). The AOTAutograd cache is off: its key
+    ignores decompositions, so it could hand back a graph compiled without ours (inductor's own cache, keyed on
+    the decomposed graph, still saves recompiling in a later process)."""
     from torch._functorch import config as functorch_config
     from torch._inductor.compile_fx import compile_fx
     from torch._inductor.decomposition import select_decomp_table
 
+    cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(),
-                                                              torch.ops.aten.mm.default: _row_times_matrix})
+        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": cpu},
+                          decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _row_times_matrix})
 
 
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -104,17 +131,24 @@ def _skip_hook_guards(guards: list) -> list[bool]:
     return [not guard.name.endswith(HOOK_DICTS) for guard in guards]
 
 
-def step_function(model: HookedLlama, compile: bool) -> Callable[..., Tensor]:
-    """What runs a stream's one-token steps: the model, or with `compile` and no hook attached anywhere in it, its
-    forward compiled once per model, for any cache length (dynamic shapes) and, on first use of each, per batch
-    size. A hook attached in the middle of a stream takes effect from the next stream."""
+def decode_step(model: HookedLlama, tokens: Int[Tensor, "batch 1"], cache: KVCache, temperature: float,
+                top_k: int | None, top_p: float | None,
+                noise: Tensor | None) -> tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]:
+    """Feed each row's newest token and choose the next one."""
+    return choose(model(tokens, past_kv_cache=cache)[:, -1], temperature, top_k, top_p, noise)
+
+
+def step_function(model: HookedLlama, compile: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+    """`decode_step` for `model`; with `compile` and no hook attached anywhere in the model, compiled once per model
+    for any cache length (dynamic shapes) and, on first use of each, per batch size and sampling setting. A hook
+    attached in the middle of a stream takes effect from the next stream."""
+    step = functools.partial(decode_step, model)
     if not compile or any(hooks_attached(m) for m in model.modules()):
-        return model
-    step = getattr(model, "_compiled_step", None)
-    if step is None:
-        step = model._compiled_step = torch.compile(model.forward, backend=_inductor, dynamic=True,
-                                                    options={"guard_filter_fn": _skip_hook_guards})
-    return step
+        return step
+    if getattr(model, "_compiled_step", None) is None:
+        model._compiled_step = torch.compile(step, backend=_inductor, dynamic=True,
+                                             options={"guard_filter_fn": _skip_hook_guards})
+    return model._compiled_step
 
 
 @torch.inference_mode()
@@ -134,18 +168,18 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
     cache = KVCache(model.cfg, batch, model.W_E.device, model.W_E.dtype)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
-    step_model = step_function(model, compile)
+    next_tokens, logprobs = choose(logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator))
+    step = step_function(model, compile)
     steps = min(max_new_tokens, model.cfg.n_ctx - pos)
-    for step in range(steps):
-        next_tokens = sample_tokens(logits, temperature, top_k, top_p, generator)
-        logprobs = logits.float().log_softmax(-1).gather(-1, next_tokens[:, None]).squeeze(-1)
+    for i in range(steps):
         if eos is not None:
             next_tokens = next_tokens.masked_fill(finished, eos)
             finished |= next_tokens == eos
         yield next_tokens, logprobs
-        if bool(finished.all()) or step + 1 == steps:
+        if i + 1 == steps or (eos is not None and bool(finished.all())):
             return
-        logits = step_model(next_tokens[:, None], past_kv_cache=cache)[:, -1]
+        noise = exponential_noise(logits, temperature, top_k, generator)
+        next_tokens, logprobs = step(next_tokens[:, None], cache, temperature, top_k, top_p, noise)
 
 
 def prompt_ids(model: HookedLlama, prompt: str) -> list[int]:
