@@ -124,6 +124,23 @@ def test_top_k_and_top_p_never_sample_outside_their_support():
     assert set(sample_tokens(logits, top_p=1e-9, generator=gen).tolist()) == {0}
 
 
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (40, None), (None, 0.9), (10, 0.5)])
+def test_samples_are_torch_multinomials_draws(top_k, top_p):
+    """The exponential race (which a compiled step can run) draws exactly what torch.multinomial draws from the
+    same generator state, over the same candidates."""
+    logits = torch.randn(64, 4096, generator=torch.Generator().manual_seed(0)) / 0.8
+    ours = sample_tokens(logits * 0.8, 0.8, top_k, top_p, torch.Generator().manual_seed(1))
+    if top_k or top_p:
+        values, indices = logits.topk(top_k) if top_k else logits.sort(-1, descending=True)
+    else:
+        values, indices = logits, torch.arange(4096).expand(64, -1)
+    if top_p:
+        probs = values.softmax(-1)
+        values = values.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    expected = indices.gather(-1, torch.multinomial(values.softmax(-1), 1, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(ours, expected.squeeze(-1))
+
+
 def test_same_seed_same_text(model):
     settings = dict(max_new_tokens=30, temperature=1.0, top_k=40, top_p=0.95)
     first = model.generate(PROMPTS[:2], seed=7, **settings)
