@@ -15,6 +15,7 @@ with hooks the steps run eagerly, so hooks see every step exactly as without com
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -145,10 +146,11 @@ def step_function(model: HookedLlama, compile: bool) -> Callable[..., tuple[Tens
     step = functools.partial(decode_step, model)
     if not compile or any(hooks_attached(m) for m in model.modules()):
         return step
-    if getattr(model, "_compiled_step", None) is None:
-        model._compiled_step = torch.compile(step, backend=_inductor, dynamic=True,
-                                             options={"guard_filter_fn": _skip_hook_guards})
-    return model._compiled_step
+    owner, compiled = getattr(model, "_compiled_step", (None, None))
+    if owner is None or owner() is not model:  # a copy of a model (copy.deepcopy) compiles its own
+        compiled = torch.compile(step, backend=_inductor, dynamic=True, options={"guard_filter_fn": _skip_hook_guards})
+        model._compiled_step = (weakref.ref(model), compiled)
+    return compiled
 
 
 @torch.inference_mode()

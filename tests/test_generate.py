@@ -1,3 +1,4 @@
+import copy
 import functools
 import json
 import os
@@ -303,3 +304,7 @@ def test_compiled_steps_give_the_eager_tokens(model):
     with model.hooks(fwd_hooks=[(last, lambda resid, hook: resid * 0)]):  # zero logits: argmax is token 0
         assert model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == [0] * 5
     assert model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == eager[0].tokens[:5]
+    edited = copy.deepcopy(model)  # a copy runs its own weights, not the compiled step of the model it copies
+    with torch.no_grad():
+        edited.ln_final.w.zero_()  # zero logits: argmax is token 0
+    assert edited.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == [0] * 5
