@@ -96,13 +96,19 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, m
 
 
 def _row_times_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """aten.mm of a single row by a matrix, on CPU, as a multiply-and-sum that inductor compiles to one vectorised
-    loop: about twice as fast as the BLAS call it replaces for a one-token step's projections (BENCHMARKS.md).
-    The row goes through `as_strided`, which makes inductor compute it once (an RMSNorm, say) rather than
-    inline it into every tile of the loop."""
+    """aten.mm of a single row by a matrix, on CPU, as multiply-and-sum loops that inductor compiles and vectorises:
+    for a one-token step's projections about twice as fast as the BLAS call it replaces (BENCHMARKS.md).
+
+    The row goes through `as_strided`, which makes inductor compute it once (an RMSNorm, say) rather than inline
+    it into every tile of the loop. Rows of `b` are summed 8 at a time first: each tile of outputs then reads 8
+    rows side by side, which the hardware prefetches, where one long column-wise pass per tile crosses a memory
+    page at every row (measured 0.62 against 0.88 ms per 5M step)."""
     if a.device.type != "cpu" or not guard_or_false(a.shape[0] == 1):
         return NotImplemented
-    return (torch.as_strided(a, (a.shape[1], 1), (a.stride(1), 1)) * b).sum(0, keepdim=True)
+    (k, n), chunked = b.shape, b.shape[0] - b.shape[0] % 8
+    products = torch.as_strided(a, (k, 1), (a.stride(1), 1)) * b
+    out = products[:chunked].view(chunked // 8, 8, n).sum(1).sum(0, keepdim=True)
+    return out + products[chunked:].sum(0, keepdim=True) if chunked < k else out
 
 
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
