@@ -143,10 +143,10 @@ def test_the_console_command_agrees_on_every_case(files, model_dirs):
     """The whole matrix again, each case a real `python -m sslens` process (four at a time)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    out = files / "run"
+    outs = [files / f"run{i}" for i in range(len(TRAIN_CASES))]  # one each: the processes run concurrently
     cases = [(["train", *case(files)[:1], *TINY, *case(files)[1:]]
               + ([] if any(a.startswith("--out_dir") for a in case(files)) else [f"--out_dir={out}"]), words)
-             for case, words in TRAIN_CASES]
+             for (case, words), out in zip(TRAIN_CASES, outs)]
     cases += [(["generate", str(model_dirs["root"] / "nowhere" if which == "missing" else model_dirs[which]), *args], words)
               for which, args, words in GENERATE_CASES]
     cases += [(["probe", str(model_dirs["run"]), "--label", "colour", "--max_stories", "20"], "has no label column 'colour'")]
@@ -161,7 +161,7 @@ def test_the_console_command_agrees_on_every_case(files, model_dirs):
     for (args, words), r in zip(cases, results):
         assert r.returncode == 2 and r.stderr.startswith("sslens: error: ") and r.stderr.count("\n") == 1, (args, r.stderr)
         assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-    assert not out.exists() and (files / "a_file").read_text() == "keep me"
+    assert not any(out.exists() for out in outs) and (files / "a_file").read_text() == "keep me"
     assert sorted(p.stat().st_mtime_ns for p in model_dirs["root"].rglob("*") if p.is_file()) == before
 
 
