@@ -245,8 +245,9 @@ def test_interactive_ctrl_c_stops_the_story_not_the_session(model, monkeypatch, 
     assert capsys.readouterr().out == "once the first words [stopped]\n\nmia the first words [stopped]\n\n\n"
 
 
-def test_interactive_from_stdin(model, tiny_run):
-    r = sslens("generate", str(tiny_run), "--temperature", "0", "--max_new_tokens", "15",
+@pytest.mark.parametrize("compile", [[], ["--compile"]], ids=["eager", "compiled"])
+def test_interactive_from_stdin(model, tiny_run, compile):
+    r = sslens("generate", str(tiny_run), "--temperature", "0", "--max_new_tokens", "15", *compile,
                input="once upon a time\nmia\n\nnever read\n")
     assert r.returncode == 0, r.stderr
     stories = [p + model.generate(p, max_new_tokens=15, temperature=0)[0].text for p in ("once upon a time", "mia")]
