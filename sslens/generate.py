@@ -48,7 +48,7 @@ def exponential_noise(logits: Float[Tensor, "batch d_vocab"], temperature: float
     if temperature == 0:
         return None
     candidates = logits.shape[-1] if top_k is None else min(top_k, logits.shape[-1])
-    return torch.empty(logits.shape[0], candidates, device=logits.device).exponential_(generator=generator)
+    return torch.empty(logits.shape[0], candidates, device=logits.device, dtype=torch.float32).exponential_(generator=generator)
 
 
 def choose(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, top_p: float | None,
