@@ -212,6 +212,9 @@ def test_cli_prompt_and_json(model, tiny_run):
     assert [row["tokens"] for row in rows] == [s.tokens for s in old]
     assert all(row["logprobs"] == pytest.approx(s.logprobs, abs=1e-5) for row, s in zip(rows, old))
     assert rows[0]["token_strings"] == [model.tokenizer.id_to_token(t) for t in old[0].tokens]
+    r = sslens("generate", str(tiny_run / "checkpoints" / "step_0000064"), "--prompt", "the dog", "--json", "--seed", "1",
+               "--top_k", "10", "--num_samples", "2", "--max_new_tokens", "8")  # a checkpoint directory as MODEL
+    assert [row["tokens"] for row in json.loads(r.stdout)] == [s.tokens for s in old]
     r = sslens("generate", str(tiny_run), "--prompt", "")
     assert r.returncode == 2 and r.stderr == "sslens: error: empty prompt: give at least one word\n"
 
