@@ -205,9 +205,13 @@ class Attention(nn.Module):
         return (pattern.reshape(batch, n_kv, self.n_rep * q_pos, k_pos) @ v).view(batch, self.cfg.n_heads, q_pos, d_head)
 
 
+PADDED_MLP_DEVICES = ("cuda",)  # where training pads d_mlp to a multiple of 8 (see MLP.padded_forward)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.pad = -cfg.d_mlp % 8
         self.gate_up_proj = column_major(nn.Linear(cfg.d_model, 2 * cfg.d_mlp, bias=False))  # rows: gate, then up
         self.down_proj = column_major(nn.Linear(cfg.d_mlp, cfg.d_model, bias=False))
         self.hook_pre = Hook()  # gate pre-activation [batch, pos, d_mlp]
@@ -227,9 +231,21 @@ class MLP(nn.Module):
         return self.down_proj.weight.T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        if (self.pad and x.device.type in PADDED_MLP_DEVICES and torch.is_grad_enabled()
+                and not (self.hook_pre.active or self.hook_pre_linear.active or self.hook_post.active)):
+            return self.padded_forward(x)
         pre, pre_linear = self.gate_up_proj(x).chunk(2, dim=-1)
         pre, pre_linear = self.hook_pre(pre), self.hook_pre_linear(pre_linear)
         return self.down_proj(self.hook_post(F.silu(pre) * pre_linear))
+
+    def padded_forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        """The same MLP over weights padded with zero rows to a multiple of 8 hidden units (the zeros add nothing and
+        get no gradient). Training on a GPU with the published 35M's d_mlp = 1365 needs it: rows of 1365 bf16 values
+        are not 16-byte aligned, which rules out cuBLAS's fastest GEMMs and vectorised loads. Under torch.compile
+        the pad is fused into autocast's bf16 copy of the weights; parameters, hooks and checkpoints keep d_mlp."""
+        gate_up = F.pad(self.gate_up_proj.weight.unflatten(0, (2, -1)), (0, 0, 0, self.pad)).flatten(0, 1)
+        pre, pre_linear = F.linear(x, gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(pre) * pre_linear, F.pad(self.down_proj.weight, (0, self.pad)))
 
 
 class TransformerBlock(nn.Module):

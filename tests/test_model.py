@@ -66,6 +66,36 @@ def test_fast_path_only_when_pattern_unhooked(small_model, monkeypatch):
     torch.testing.assert_close(slow, fast, atol=1e-5, rtol=0)
 
 
+def test_the_padded_mlp_trains_as_the_plain_one(small_model, monkeypatch):
+    """Training on a GPU pads d_mlp (here 341) to a multiple of 8 on the fly. Forced onto CPU: the same loss and
+    gradients, for every layer; not under no_grad, and not while an MLP hook is attached, which still sees d_mlp."""
+    import sslens.model
+    from sslens.model import MLP
+
+    model, tokens, n = copy.deepcopy(small_model), random_tokens(2, 33), small_model.cfg.n_layers
+    assert model.blocks[0].mlp.pad == 3
+
+    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        loss = model(tokens, return_type="loss")
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads()
+    calls, padded_forward = [], MLP.padded_forward
+    monkeypatch.setattr(sslens.model, "PADDED_MLP_DEVICES", ("cpu",))
+    monkeypatch.setattr(MLP, "padded_forward", lambda self, x: calls.append(1) or padded_forward(self, x))
+    loss, grads = loss_and_grads()
+    assert len(calls) == n
+    torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=0)
+    for grad, plain in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain, atol=1e-7, rtol=1e-5)
+    with torch.no_grad():
+        model(tokens)
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_post")
+    assert len(calls) == 2 * n - 1 and cache["blocks.1.mlp.hook_post"].shape[-1] == model.cfg.d_mlp
+
+
 def test_rms_norm_scale_by_hand(small_model):
     _, cache = small_model.run_with_cache(random_tokens(1, 5))
     x = cache["blocks.2.hook_resid_mid"]
