@@ -23,7 +23,7 @@ from .errors import SSLensError
 from .flops import flops_per_token, peak_flops
 from .model import HookedLlama
 from .tokenizer import placeholder_tokenizer
-from .train import adamw
+from .train import TrainingLoss, adamw, next_token_loss
 
 
 @dataclass
@@ -189,15 +189,15 @@ def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int
                                             "features": model.cfg.d_model}}
 
 
-def _train_step(model: torch.nn.Module, logits_of: Callable, x: torch.Tensor, y: torch.Tensor,
+def _train_step(model: torch.nn.Module, loss_of: Callable, x: torch.Tensor, y: torch.Tensor,
                 amp: torch.dtype | None) -> Callable[[], None]:
     """One full training step (forward, loss, backward, AdamW step) as the trainer runs it."""
     optimizer = adamw(model, 1e-4, (0.9, 0.95), 0.1, x.device)
 
     def step() -> None:
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
-            logits = logits_of(x)
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+            loss = loss_of(x, y)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -222,9 +222,10 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
                 kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
                 name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
                 peer, goal = "HF LlamaForCausalLM training step", 1.1 if amp is None else 1.5
+                ours = TrainingLoss(model)
                 row = attempt(name, peer, goal, lambda: compare(
-                    name, _train_step(model, torch.compile(model) if compile_ else model, x, y, amp), peer,
-                    _train_step(hf, lambda t: hf(t).logits, x, y, amp), batch * seq, reps, goal))
+                    name, _train_step(model, torch.compile(ours) if compile_ else ours, x, y, amp), peer,
+                    _train_step(hf, lambda x, y: next_token_loss(hf(x).logits, y), x, y, amp), batch * seq, reps, goal))
                 per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops(device, dtype)
                 row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
                 rows.append(row)
