@@ -187,7 +187,7 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
         yield next_tokens, logprobs
         if i + 1 == steps or (eos is not None and bool(finished.all())):
             return
-        noise = exponential_noise(logits, temperature, top_k, generator)
+        noise = exponential_noise(logits, temperature, top_k, generator)  # the prompt's logits: only their shape counts
         next_tokens, logprobs = step(next_tokens[:, None], cache, temperature, top_k, top_p, noise)
 
 

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         return (pattern.reshape(batch, n_kv, self.n_rep * q_pos, k_pos) @ v).view(batch, self.cfg.n_heads, q_pos, d_head)
 
 
-PADDED_MLP_DEVICES = ("cuda",)  # where training pads d_mlp to a multiple of 8 (see MLP.padded_forward)
+PADDED_MLP_DEVICES = ("cuda",)  # where training pads d_mlp to a multiple of 8 (see MLP.padded_weights)
 
 
 class MLP(nn.Module):
@@ -231,22 +231,24 @@ class MLP(nn.Module):
         return self.down_proj.weight.T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        if (self.pad and x.device.type in PADDED_MLP_DEVICES and torch.is_grad_enabled()
-                and not (self.hook_pre.active or self.hook_pre_linear.active or self.hook_post.active)):
-            return self.padded_forward(x)
-        pre, pre_linear = self.gate_up_proj(x).chunk(2, dim=-1)
+        padded = (self.pad and x.device.type in PADDED_MLP_DEVICES and torch.is_grad_enabled()
+                  and not any(hooks_attached(m) for m in self.modules()))
+        if padded:
+            gate_up_weight, down_weight = self.padded_weights()
+        pre, pre_linear = (F.linear(x, gate_up_weight) if padded else self.gate_up_proj(x)).chunk(2, dim=-1)
         pre, pre_linear = self.hook_pre(pre), self.hook_pre_linear(pre_linear)
-        return self.down_proj(self.hook_post(F.silu(pre) * pre_linear))
+        post = self.hook_post(F.silu(pre) * pre_linear)
+        return F.linear(post, down_weight) if padded else self.down_proj(post)
 
-    def padded_forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        """The same MLP over weights padded with zero rows to a multiple of 8 hidden units: the extra units are
-        exactly zero, so outputs and the parameters' gradients are those of the plain MLP. Training on a GPU with
-        the published 35M's d_mlp = 1365 needs it: rows of 1365 bf16 values are not 16-byte aligned, which rules out
-        cuBLAS's fastest GEMMs and vectorised loads (H200 step 37% -> 42% MFU). Under torch.compile the pad is fused
-        into autocast's bf16 copy of the weights; parameters, hooks and checkpoints keep d_mlp."""
+    def padded_weights(self) -> tuple[Float[Tensor, "two_d_mlp_padded d_model"], Float[Tensor, "d_model d_mlp_padded"]]:
+        """The gate-up and down weights padded with zero rows to a multiple of 8 hidden units, which `forward` uses
+        when training on a GPU with nothing hooked in the MLP: the extra units are exactly zero, so outputs and the
+        parameters' gradients are those of the plain MLP. The published 35M's d_mlp = 1365 needs it: rows of 1365
+        bf16 values are not 16-byte aligned, which rules out cuBLAS's fastest GEMMs and vectorised loads (H200 step
+        37% -> 42% MFU). Under torch.compile the pad is fused into autocast's bf16 copy of the weights; parameters,
+        hooks and checkpoints keep d_mlp."""
         gate_up = F.pad(self.gate_up_proj.weight.unflatten(0, (2, -1)), (0, 0, 0, self.pad)).flatten(0, 1)
-        pre, pre_linear = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(pre) * pre_linear, F.pad(self.down_proj.weight, (0, self.pad)))
+        return gate_up, F.pad(self.down_proj.weight, (0, self.pad))
 
 
 class TransformerBlock(nn.Module):

@@ -68,7 +68,8 @@ def test_fast_path_only_when_pattern_unhooked(small_model, monkeypatch):
 
 def test_the_padded_mlp_trains_as_the_plain_one(small_model, monkeypatch):
     """Training on a GPU pads d_mlp (here 341) to a multiple of 8 on the fly. Forced onto CPU: the same loss and
-    gradients, for every layer; not under no_grad, and not while an MLP hook is attached, which still sees d_mlp."""
+    gradients, for every layer; not under no_grad, and not in a layer with any hook in its MLP (a TransformerLens
+    hook, which still sees d_mlp units, or a plain torch hook on one of its projections)."""
     import sslens.model
     from sslens.model import MLP
 
@@ -82,9 +83,9 @@ def test_the_padded_mlp_trains_as_the_plain_one(small_model, monkeypatch):
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     plain_loss, plain_grads = loss_and_grads()
-    calls, padded_forward = [], MLP.padded_forward
+    calls, padded_weights = [], MLP.padded_weights
     monkeypatch.setattr(sslens.model, "PADDED_MLP_DEVICES", ("cpu",))
-    monkeypatch.setattr(MLP, "padded_forward", lambda self, x: calls.append(1) or padded_forward(self, x))
+    monkeypatch.setattr(MLP, "padded_weights", lambda self: calls.append(1) or padded_weights(self))
     loss, grads = loss_and_grads()
     assert len(calls) == n
     torch.testing.assert_close(loss, plain_loss, atol=1e-6, rtol=0)
@@ -92,8 +93,13 @@ def test_the_padded_mlp_trains_as_the_plain_one(small_model, monkeypatch):
         torch.testing.assert_close(grad, plain, atol=1e-7, rtol=1e-5)
     with torch.no_grad():
         model(tokens)
+    assert len(calls) == n
     _, cache = model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_post")
     assert len(calls) == 2 * n - 1 and cache["blocks.1.mlp.hook_post"].shape[-1] == model.cfg.d_mlp
+    seen = []
+    model.blocks[2].mlp.down_proj.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[-1]))
+    model(tokens)
+    assert len(calls) == 3 * n - 2 and seen == [model.cfg.d_mlp]
 
 
 def test_rms_norm_scale_by_hand(small_model):
