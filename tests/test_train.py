@@ -13,7 +13,7 @@ from conftest import assert_column_major, free_port
 from safetensors.torch import load_file
 
 from sslens import SSLensError, load_model
-from sslens.checkpoint import checkpoint_steps, saved_steps
+from sslens.checkpoint import checkpoint_dir, checkpoint_steps, saved_steps
 from sslens.config import load_train_config
 from sslens.train import lr_at, train
 
@@ -29,6 +29,15 @@ def tiny(tmp_path, *extra, name="run"):
 
 def metrics(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_tokenizer(tmp_path) -> None:
+    """tmp_path/tok.json, for runs that must see the same tokens: `tokenizers` trains with process-seeded hash maps,
+    so two trainings of the same data can tie-break merges differently."""
+    from sslens.data import load_stories
+    from sslens.tokenizer import save_tokenizer, train_tokenizer
+
+    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
 
 
 def torchrun_train(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -91,10 +100,7 @@ def test_refusals(tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     """batch_size 2 with total_batch_size of 4 sequences (two micro-batches per step) follows batch_size 4."""
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
-
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
     tok = f"--tokenizer={tmp_path / 'tok.json'}"
     big = train(*tiny(tmp_path, "--max_steps=6", "--batch_size=4", tok, name="big"))
     accumulated = train(*tiny(tmp_path, "--max_steps=6", "--batch_size=2", "--total_batch_size=128", tok, name="accum"))
@@ -109,11 +115,11 @@ def test_weight_decay_on_two_dimensional_weights_only():
     from sslens.train import adamw
 
     model = HookedLlama.from_preset("1.25M", n_layers=2)
-    decay, no_decay = adamw(model, 1e-3, (0.9, 0.95), 0.1, torch.device("cpu")).param_groups
+    decay, no_decay = adamw(model, 1e-3, (0.9, 0.95), 0.1).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and decay["betas"] == (0.9, 0.95)
     assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(n for n in names.values() if n.endswith(".w"))
-    assert len(decay["params"]) + len(no_decay["params"]) == len(names) and not decay["fused"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names) and decay["fused"]
 
 
 def test_train_help_lists_every_key_with_its_default():
@@ -127,11 +133,16 @@ def test_train_help_lists_every_key_with_its_default():
     assert all(f.name in model_keys for f in settable_fields(ModelConfig))
 
 
+@pytest.mark.parametrize("lagged", [False, True], ids=["read at once", "read during the next step"])
 @pytest.mark.parametrize("fault", ["nan loss", "inf gradient, finite loss"])
-def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault):
+def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault,
+                                                                                        lagged):
     """The 6th training loss is NaN, or finite with an infinite gradient (sqrt at 0): training stops at step 6,
-    naming it, before the optimizer writes non-finite weights; checkpoints 0, 1, 2, 4 remain and are finite."""
+    naming it, and the optimizer never writes non-finite weights; checkpoints 0, 1, 2, 4 remain and are finite.
+    Also when, as on a GPU, each step's numbers are read during the next step (the update is skipped on the device)."""
     import sslens.train
+
+    monkeypatch.setattr(sslens.train, "LAGGED_DEVICES", ("cpu",) if lagged else ())
 
     cross_entropy, calls = sslens.train.F.cross_entropy, []
 
@@ -150,14 +161,46 @@ def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_chec
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2, 3, 4, 5]
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
-    """A real process killed mid-run, resumed: bitwise the same final weights, and no step lost or doubled.
-    Both runs get the same tokenizer file: `tokenizers` trains with process-seeded hash maps, so two trainings of
-    the same data can tie-break merges differently."""
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
+def test_reading_each_step_during_the_next_trains_and_logs_as_reading_it_at_once(tmp_path, monkeypatch):
+    """The GPU's way (a step's loss and gradient norm read while the next step runs), forced on CPU: the same
+    metrics, checkpoints and weights as reading each step at once (one tokenizer file for both)."""
+    import sslens.train
 
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
+    runs = {}
+    for lagged in (False, True):
+        monkeypatch.setattr(sslens.train, "LAGGED_DEVICES", ("cpu",) if lagged else ())
+        runs[lagged] = train(*tiny(tmp_path, "--max_steps=12", f"--tokenizer={tmp_path / 'tok.json'}", name=f"lagged{lagged}"))
+    keys = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss")
+    assert [[m.get(k) for k in keys] for m in metrics(runs[True])] == [[m.get(k) for k in keys] for m in metrics(runs[False])]
+    assert len(metrics(runs[True])) == 12 and metrics(runs[True])[9]["val_loss"] > 0
+    assert saved_steps(runs[True]) == saved_steps(runs[False])
+    for step in saved_steps(runs[True]):
+        a, b = load_model(runs[True], step=step), load_model(runs[False], step=step)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), step
+
+
+def test_a_checkpoint_of_a_foreach_optimizer_resumes_fused(tmp_path):
+    """Earlier sslens saved AdamW as foreach on CPU: resuming from such a checkpoint runs fused (which can skip a
+    non-finite step on the device) and ends where an uninterrupted run does."""
+    write_tokenizer(tmp_path)
+    tok = f"--tokenizer={tmp_path / 'tok.json'}"
+    reference = train(*tiny(tmp_path, "--max_steps=6", tok, name="reference"))
+    run = train(*tiny(tmp_path, "--max_steps=4", tok))
+    path = checkpoint_dir(run, 4) / "trainer.pt"
+    state = torch.load(path, weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=False, foreach=True)
+    torch.save(state, path)
+    train(*tiny(tmp_path, "--max_steps=6", tok, "--resume"))
+    final, expected = load_model(run), load_model(reference)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
+    assert [m["step"] for m in metrics(run)] == list(range(1, 7))
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """A real process killed mid-run, resumed: bitwise the same final weights, and no step lost or doubled."""
+    write_tokenizer(tmp_path)
     args = [*TINY, "--max_steps=40", f"--tokenizer={tmp_path / 'tok.json'}"]
     reference = train(*tiny(tmp_path, *args[len(TINY):], name="reference"))
     run = tmp_path / "killed"
@@ -186,10 +229,7 @@ def test_sigkill_at_random_points_leaves_only_complete_checkpoints(tmp_path):
     uninterrupted one."""
     import random
 
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
-
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
     args = [*TINY, "--max_steps=30", "--checkpoint_schedule=linear", "--checkpoint_every=2", "--log_every=1",
             f"--tokenizer={tmp_path / 'tok.json'}"]
     reference = load_model(train(*tiny(tmp_path, *args[len(TINY):], name="reference")))
@@ -223,10 +263,7 @@ def test_sigkill_at_random_points_leaves_only_complete_checkpoints(tmp_path):
 def test_sigkill_inside_a_checkpoint_write(tmp_path, nth_write):
     """The process kills itself inside its nth checkpoint write (weights written, trainer state not): that step is
     a `.tmp-` directory only, never a checkpoint; resume continues from the one before and ends bitwise equal."""
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
-
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
     args = [*TINY, "--max_steps=12", f"--tokenizer={tmp_path / 'tok.json'}"]
     reference = load_model(train(*tiny(tmp_path, *args[len(TINY):], name="reference")))
     run = tmp_path / "killed"
@@ -249,10 +286,7 @@ def test_sigkill_inside_a_checkpoint_write(tmp_path, nth_write):
 
 
 def test_a_corrupted_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, capsys):
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
-
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
     tok = f"--tokenizer={tmp_path / 'tok.json'}"
     reference = train(*tiny(tmp_path, "--max_steps=16", tok, name="reference"))
     run = tmp_path / "broken"
@@ -271,11 +305,9 @@ def test_a_corrupted_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, 
 
 
 def test_compiled_training_follows_eager_training(tmp_path):
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
     from sslens.train import use_compile
 
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
     tok = f"--tokenizer={tmp_path / 'tok.json'}"
     eager = metrics(train(*tiny(tmp_path, "--max_steps=4", "--compile=False", tok, name="eager")))
     compiled = metrics(train(*tiny(tmp_path, "--max_steps=4", "--compile", tok, name="compiled")))
@@ -313,10 +345,7 @@ def test_flops_per_token_matches_torch_flop_counter(preset):
 @pytest.mark.slow
 def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_path):
     """torchrun, 2 CPU processes (gloo) x batch 2 against 1 process x batch 4: the same losses, step by step."""
-    from sslens.data import load_stories
-    from sslens.tokenizer import save_tokenizer, train_tokenizer
-
-    save_tokenizer(train_tokenizer(list(load_stories("synth:400")["story"]), 4096), tmp_path / "tok.json")
+    write_tokenizer(tmp_path)
     common = [*TINY, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}"]
     single = train(*tiny(tmp_path, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}", "--batch_size=4", name="single"))
     r = torchrun_train(*common, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}", timeout=300)
