@@ -165,8 +165,11 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def coerce(name: str, type_name: str, value: Any) -> Any:
-    """Check `value` against the field's type; accept ints for floats and YAML 1.1's '1e-6' strings."""
+    """Check `value` against the field's type; accept ints for floats, YAML 1.1's '1e-6' strings, and numbers for
+    text (`--checkpoint_schedule=200`, `--out_dir=2024`: YAML reads them as numbers)."""
     typ = _TYPES[type_name]
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
     if typ is float and isinstance(value, str):
         try:
             value = float(value)

@@ -63,6 +63,24 @@ class TrainingLoss(nn.Module):
         return next_token_loss(self.model(x), y)
 
 
+class Mark:
+    """A point in a device's timeline: on CUDA an event, which the GPU reaches after the work queued before it
+    (so the time between two marks is the GPU's, pauses between steps excluded); elsewhere the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.time = time.perf_counter()
+        self.event = None
+        if device.type == "cuda":
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record(torch.cuda.current_stream(device))
+
+    def seconds_to(self, later: Mark) -> float:
+        if self.event is None:
+            return later.time - self.time
+        later.event.synchronize()
+        return self.event.elapsed_time(later.event) / 1000
+
+
 @dataclass
 class PendingStep:
     """A step taken, its loss and gradient norm still on the device."""
@@ -71,7 +89,8 @@ class PendingStep:
     lr: float
     loss: Float[Tensor, ""]
     grad_norm: Float[Tensor, ""]
-    started: float  # time.perf_counter() when the step began
+    began: Mark
+    ended: Mark
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -267,7 +286,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None if main else True)
     lagged = device.type in LAGGED_DEVICES
     pending: PendingStep | None = None
-    read_at = 0.0  # when the previous step's numbers were read
 
     def validates(s: int) -> bool:
         return s % cfg.val_every == 0 or s == cfg.max_steps
@@ -275,7 +293,6 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     def settle(p: PendingStep) -> None:
         """Read a step's loss and gradient norm (waiting for that step alone), stop if either is not finite, then
         validate, log and checkpoint as scheduled."""
-        nonlocal read_at
         loss, grad_norm = p.loss.item(), p.grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # its update was skipped: weights stay finite
             kept = saved_steps(run_dir)
@@ -283,8 +300,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                               "training stopped. The newest good "
                               + (f"checkpoint is step {kept[-1]}" if kept else "state is the initialisation (no checkpoint yet)")
                               + ": lower --lr or check the data, then --resume")
-        now = time.perf_counter()
-        seconds, read_at = now - max(p.started, read_at), now  # lagged: from the previous step's end to this one's
+        seconds = p.began.seconds_to(p.ended)
         record = {"step": p.step, "tokens": p.step * accum * tokens_per_micro * world, "loss": round(loss, 6),
                   "lr": p.lr, "grad_norm": round(grad_norm, 6),
                   "tok_s": round(accum * tokens_per_micro * world / seconds), "mfu": round(step_flops / seconds / peak, 4)}
@@ -305,13 +321,13 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
 
     with open(metrics_path, "a") if main else open(os.devnull, "w") as log:
         while step < cfg.max_steps:
-            started = time.perf_counter()
+            began = Mark(device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for _ in range(accum):
-                x, y = (t[rows].to(device) for t in next(batches))
+                x, y = (to_device(t[rows], device) for t in next(batches))
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = forward(x, y) / accum
                 loss.backward()
@@ -324,7 +340,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pending = PendingStep(step, lr, loss_sum, grad_norm, started)
+            pending = PendingStep(step, lr, loss_sum, grad_norm, began, Mark(device))
             if not lagged or validates(step) or step in schedule:  # these see this step's weights, nothing later
                 settle(pending)
                 pending = None
@@ -334,6 +350,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
     if world > 1:
         dist.destroy_process_group()
     return run_dir
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A batch copied to the device without waiting for the GPU: a plain copy from pageable memory synchronises
+    with all queued work (35M on an H200: the trainer at 36% MFU against the step's 42%)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _barrier(world: int) -> None:

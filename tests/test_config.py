@@ -62,6 +62,18 @@ def test_overrides_are_parsed_as_yaml():
         parse_overrides(["n_layers"])
 
 
+def test_a_number_given_for_text_is_its_text():
+    """YAML reads `--checkpoint_schedule=200` as a number; one checkpoint step (and a numeric directory name) work."""
+    from sslens.checkpoint import checkpoint_steps
+    from sslens.config import load_train_config
+
+    cfg = load_train_config("1.25M", **parse_overrides(["--checkpoint_schedule=200", "--out_dir=2024", "--max_steps=300"]))[1]
+    assert (cfg.checkpoint_schedule, cfg.out_dir) == ("200", "2024")
+    assert checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every) == {200, 300}
+    with pytest.raises(ConfigError, match="out_dir must be str, got True"):
+        load_train_config("1.25M", out_dir=True)
+
+
 def test_compile_takes_the_seeds_spelling_and_auto():
     from sslens.config import load_train_config
 
