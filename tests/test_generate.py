@@ -166,17 +166,22 @@ def test_hooks_steer_and_record_during_generation(model):
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: recorded.append(t.shape[1]))]):
         sample = model.generate(PROMPTS[1], max_new_tokens=6, temperature=0, stop_at_eos=False)[0]
     assert recorded == [len(sample.prompt_tokens)] + [1] * 5  # the prompt once, then one position per step
-    direction = model.tokens_to_residual_directions("tree")
+    with torch.no_grad():  # what each token's direction alone predicts; steer with the most decisive one
+        every_direction = model.tokens_to_residual_directions(torch.arange(model.cfg.d_vocab))
+        top2 = model.ln_final(every_direction).matmul(model.W_E.T).topk(2)
+    margin = (top2.values[:, 0] - top2.values[:, 1]) / top2.values[:, 0].abs()
+    direction, target = model.tokens_to_residual_directions(margin.argmax()), top2.indices[margin.argmax(), 0].item()
+    assert margin.max() > 1e-2  # the stream below is that direction to within 1e-4, far inside this margin
 
     def steer(resid, hook):  # overwhelm the last residual stream with one token's direction
-        return resid + 100 * resid.norm(dim=-1, keepdim=True) * direction / direction.norm()
+        return resid + 1e4 * resid.norm(dim=-1, keepdim=True) * direction / direction.norm()
 
     with model.hooks(fwd_hooks=[(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", steer)]):
         steered = model.generate(PROMPTS[0], max_new_tokens=20, temperature=0, stop_at_eos=False)[0]
         assert steered.tokens == greedy_by_full_forward(model, steered.prompt_tokens, 20)  # hooked as a forward is
     plain = model.generate(PROMPTS[0], max_new_tokens=20, temperature=0, stop_at_eos=False)[0]
     assert plain.tokens == greedy_by_full_forward(model, plain.prompt_tokens, 20)  # the hook is gone
-    assert len(set(steered.tokens)) == 1 < len(set(plain.tokens))
+    assert set(steered.tokens) == {target} and len(set(plain.tokens)) > 1
 
 
 def test_length_rule_and_bad_settings(model):
