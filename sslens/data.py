@@ -194,8 +194,8 @@ class Batches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[Int[Tensor, "batch n_ctx"], Int[Tensor, "batch n_ctx"]]:
+    def __next__(self) -> Int[Tensor, "batch n_ctx_plus_1"]:
+        """The next batch of windows: a row's inputs are `[:-1]`, its targets `[1:]`."""
         rows = np.stack([self.window(self._index(self.position + b)) for b in range(self.batch_size)])
         self.position += self.batch_size
-        w = torch.from_numpy(rows.astype(np.int64))
-        return w[:, :-1], w[:, 1:]
+        return torch.from_numpy(rows.astype(np.int64))

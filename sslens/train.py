@@ -327,7 +327,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for _ in range(accum):
-                x, y = (to_device(t[rows], device) for t in next(batches))
+                windows = to_device(next(batches)[rows], device)
+                x, y = windows[:, :-1], windows[:, 1:]
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = forward(x, y) / accum
                 loss.backward()

@@ -108,16 +108,16 @@ def load_stories_from(tmp_path, stories):
 def test_batches_cover_each_window_once_per_epoch_and_resume():
     tokens = np.arange(10 * 8 + 1, dtype=np.uint16)  # 10 windows of n_ctx 8
     batches = Batches(tokens, n_ctx=8, batch_size=5, seed=0)
-    x, y = next(batches)
-    assert x.shape == (5, 8) and (y == x + 1).all()  # y is x shifted by one token
-    starts = [int(r[0]) for r in x] + [int(r[0]) for r in next(batches)[0]]
+    windows = next(batches)
+    assert windows.shape == (5, 9) and (windows[:, 1:] == windows[:, :-1] + 1).all()  # n_ctx inputs, one more target
+    starts = [int(r[0]) for r in windows] + [int(r[0]) for r in next(batches)]
     assert sorted(starts) == list(range(0, 80, 8)) and starts != sorted(starts)  # epoch 0 saw every window once
     assert batches.position == 10
-    later = [next(batches)[0] for _ in range(3)]
+    later = [next(batches) for _ in range(3)]
     resumed = Batches(tokens, n_ctx=8, batch_size=5, seed=0, position=10)
-    assert all((a == next(resumed)[0]).all() for a in later)
+    assert all((a == next(resumed)).all() for a in later)
     other_seed = Batches(tokens, n_ctx=8, batch_size=5, seed=1)
-    assert not all((a == b).all() for a, b in zip([next(Batches(tokens, 8, 5, 0))[0]], [next(other_seed)[0]]))
+    assert not all((a == b).all() for a, b in zip([next(Batches(tokens, 8, 5, 0))], [next(other_seed)]))
     with pytest.raises(SSLensError, match="fewer than one window"):
         Batches(np.arange(5, dtype=np.uint16), n_ctx=8, batch_size=1)
 
