@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import datasets
@@ -194,8 +195,11 @@ class Batches:
     def __iter__(self):
         return self
 
+    def windows(self, indices: Iterable[int]) -> Int[Tensor, "batch n_ctx_plus_1"]:
+        """These windows as one batch: a row's inputs are `[:-1]`, its targets `[1:]`."""
+        return torch.from_numpy(np.stack([self.window(i) for i in indices]).astype(np.int64))
+
     def __next__(self) -> Int[Tensor, "batch n_ctx_plus_1"]:
-        """The next batch of windows: a row's inputs are `[:-1]`, its targets `[1:]`."""
-        rows = np.stack([self.window(self._index(self.position + b)) for b in range(self.batch_size)])
+        batch = self.windows(self._index(self.position + b) for b in range(self.batch_size))
         self.position += self.batch_size
-        return torch.from_numpy(rows.astype(np.int64))
+        return batch

@@ -395,8 +395,7 @@ def validation_loss(model: HookedLlama, val: Batches, n_batches: int, device: to
     windows = min(val.n_windows, n_batches * val.batch_size)
     losses = []
     for start in range(0, windows, val.batch_size):
-        rows = torch.stack([torch.from_numpy(val.window(i).astype("int64")) for i in range(start, min(windows, start + val.batch_size))])
-        rows = rows.to(device)
+        rows = val.windows(range(start, min(windows, start + val.batch_size))).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(rows[:, :-1])
         losses.append(next_token_loss(logits, rows[:, 1:], reduction="sum").item())
