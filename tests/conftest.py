@@ -68,3 +68,28 @@ def assert_column_major(model) -> None:
     for name, p in model.named_parameters():
         if p.ndim == 2:
             assert p.stride() == (1, p.shape[0]), name
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size) -> an empty directory on a real filesystem of that size (a tmpfs), to fill it for real.
+    Needs root and mount(8), as on the developers' and CI machines; skips saying so elsewhere."""
+    import shutil
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("a real full disk needs root to mount a small tmpfs")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

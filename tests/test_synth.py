@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sslens import synth
+from sslens.fileio import DiskFull
 from sslens.data import load_stories
 from sslens.tokenizer import encode_batch, train_tokenizer
 
@@ -166,3 +168,46 @@ def test_cli_synth_and_tokenizer(tmp_path, monkeypatch):
                  ["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json")]):
         r = run(*args)
         assert r.returncode == 2 and r.stderr.startswith("sslens: error:") and r.stderr.count("\n") == 1, r.stderr
+
+
+# Each process waits at a barrier of marker files (or gives up after a minute), then builds the same corpus in a
+# fresh cache: three times.
+SAME_CORPUS_AT_ONCE = """
+import os, sys, time
+from pathlib import Path
+import sslens.data
+root = Path(sys.argv[1])
+for trial in range(3):
+    os.environ["SSLENS_CACHE"] = str(root / f"cache{trial}")
+    (root / f"ready{trial}.{os.getpid()}").touch()
+    deadline = time.time() + 60
+    while len(list(root.glob(f"ready{trial}.*"))) < 2:
+        if time.time() > deadline:
+            sys.exit(f"trial {trial}: the other process never arrived")
+        time.sleep(0.001)
+    assert len(sslens.data.load_stories("synth:300")) == 300
+"""
+
+
+def test_two_processes_building_the_same_synth_corpus_at_once_both_get_it(tmp_path):
+    """First use from two processes at once (two runs started together): each writes its own temporary file, both
+    read a complete corpus, and one file remains, with no temporary file beside it."""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", SAME_CORPUS_AT_ONCE, str(tmp_path)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    try:
+        results = [(p.communicate(timeout=240)[1], p.returncode) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [code for _, code in results] == [0, 0], results
+    for trial in range(3):
+        names = [p.name for p in (tmp_path / f"cache{trial}" / "synth").iterdir()]
+        assert len(names) == 1 and names[0].endswith(".parquet") and not names[0].startswith("."), names
+
+
+def test_a_full_disk_while_writing_a_corpus_names_the_file_and_leaves_nothing(small_disk):
+    disk = small_disk("64k")
+    with pytest.raises(DiskFull, match=r"writing .*s\.parquet needs about 0\.\d MiB"):
+        synth.write_parquet(disk / "s.parquet", 300)
+    assert list(disk.iterdir()) == []

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from ..errors import SSLensError
-from ..fileio import atomic_replace
+from ..fileio import atomic_replace, temporary_path, writing
 
 MODEL = "sslens-synth"
 LABEL_COLUMNS = ["topic", "theme", "style", "feature", "grammar", "persona", "initial_word_type", "initial_letter"]
@@ -373,11 +373,20 @@ def write_parquet(path: str | Path, n: int, seed: int = 0, start: int = 0) -> Pa
 
 
 def write_rows(path: str | Path, rows: list[dict]) -> Path:
+    """Write through a temporary file of this process's own (the pid in its name, so a cache can tell a dead
+    writer's leftover), so processes building the same corpus at once each rename a complete file into place."""
     path = Path(path)
-    table = pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema())
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    atomic_replace(tmp, path)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema()), buffer)
+    data = buffer.getvalue()
+    tmp = temporary_path(path)
+    with writing(path, data.size):
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            atomic_replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # before a full disk is reported, so the free room it names is real
     return path
 
 
