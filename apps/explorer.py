@@ -109,6 +109,24 @@ def logit_lens_panel(result: dict) -> None:
         st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
 
 
+def open_model(root: Path, name: str) -> tuple[Path, list[int], dict[int, int]]:
+    """The model directory `name` under the runs root, its saved steps (none for an HF directory) and the tokens
+    seen at each. resolve_model has refused it first if anything loading it would open leads outside the root."""
+    path = resolve_model(root, name)
+    if not (path / "config.yaml").is_file():
+        return path, [], {}
+    steps = saved_steps(path)
+    if not steps:
+        raise SSLensError(f"{name} has no checkpoints yet")
+    return path, steps, tokens_seen(path)
+
+
+def step_label(step: int, seen: dict[int, int]) -> str:
+    """A checkpoint as the slider shows it; a step whose metrics line was lost (a cut last line) has no token count."""
+    tokens = seen.get(step)
+    return f"step {step} ({tokens:,} tokens)" if isinstance(tokens, int) else f"step {step}"
+
+
 def main() -> None:
     st.set_page_config(page_title="sslens explorer", layout="wide")
     root = runs_root()
@@ -121,18 +139,14 @@ def main() -> None:
         return
     name = st.sidebar.selectbox("Run", names, key="run")
     try:
-        path = resolve_model(root, name)
-        steps = saved_steps(path) if (path / "config.yaml").is_file() else []
-        if (path / "config.yaml").is_file() and not steps:
-            raise SSLensError(f"{name} has no checkpoints yet")
-    except SSLensError as e:
+        path, steps, seen = open_model(root, name)
+    except (SSLensError, OSError) as e:
         st.warning(str(e))
         return
     step = None
     if len(steps) > 1:
-        seen = tokens_seen(path)
         step = st.sidebar.select_slider("Checkpoint", options=steps, value=steps[-1], key="step",
-                                        format_func=lambda s: f"step {s} ({seen.get(s, 0):,} tokens)")
+                                        format_func=lambda s: step_label(s, seen))
     elif steps:
         step = steps[0]
     prompt = st.sidebar.text_area("Prompt", "Once upon a time, there was a little", key="prompt")
@@ -141,6 +155,13 @@ def main() -> None:
     top_k = st.sidebar.number_input("Top-k (0 = all)", 0, 4096, 40, key="top_k")
     top_p = st.sidebar.slider("Top-p (1 = all)", 0.05, 1.0, 1.0, 0.05, key="top_p")
     seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 0, key="seed")
+    try:
+        model_at(str(path), step)
+    except Exception as e:  # the files are input: whatever their loader raises is a message on the page, not a crash
+        first_line = str(e).partition("\n")[0][:200]
+        st.error(str(e) if isinstance(e, SSLensError) else
+                 f"{name} could not be loaded ({type(e).__name__}: {first_line})")
+        return
     if not prompt.strip():
         st.info("Type a prompt in the sidebar.")
         return

@@ -7,6 +7,7 @@ so it is complete or absent.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from .config import ModelConfig, settable_fields
 from .errors import SSLensError
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, writing
 from .model import HookedLlama
 from .tokenizer import load_tokenizer
 
@@ -57,13 +59,20 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp / "model.safetensors",
-              metadata={"step": str(step)})
-    torch.save(trainer_state, tmp / "trainer.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    # each file is serialised in memory, then written by plain writes: a full disk is then an OSError that
+    # `writing` names (the serialisers' own file writers wrap it in errors of their own)
+    weights = save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                           metadata={"step": str(step)})
+    try:
+        with writing(final, 3 * len(weights)):  # the weights, then AdamW's two moments
+            tmp.mkdir(parents=True)
+            _write_synced(tmp / "model.safetensors", weights)
+            state = io.BytesIO()
+            torch.save(trainer_state, state)
+            _write_synced(tmp / "trainer.pt", state.getbuffer())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its room back; a kill would leave it to the next start
+        raise
     if final.exists():  # re-saving a step (a resumed run passing it again): set the old copy aside, then delete it
         old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
         os.rename(final, old)
@@ -76,6 +85,29 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
 
 def write_run_config(run_dir: Path, values: dict) -> None:
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(values, sort_keys=False))
+
+
+def _write_synced(path: Path, data: bytes | memoryview) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_split(run_dir: Path, record: dict) -> None:
+    """Which stories the run trains on and which it holds out for validation (`sslens.data.Split.record`)."""
+    atomic_write_text(run_dir / "split.json", json.dumps(record, indent=1) + "\n")
+
+
+def read_split(run_dir: str | Path) -> dict | None:
+    """The run's split record, or None for a run made before sslens recorded it."""
+    path = Path(run_dir) / "split.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SSLensError(f"{path} is unreadable ({type(e).__name__})") from None
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -128,24 +160,69 @@ def find_models(root: str | Path, depth: int = 3) -> list[str]:
 
 
 def resolve_model(root: str | Path, name: str) -> Path:
-    """`root / name`, refusing names that could leave `root` (absolute paths, `..`, links pointing outside)."""
+    """`root / name`, refusing names that could leave `root` (absolute paths, `..`, links pointing outside) and
+    model directories holding a link that leads outside (see check_inside)."""
     if Path(name).is_absolute() or ".." in Path(name).parts:
         raise SSLensError(f"{name!r} is not a model name inside the runs root")
     path = (Path(root) / name).resolve()
     if not path.is_relative_to(Path(root).resolve()):
         raise SSLensError(f"{name!r} points outside the runs root")
+    check_inside(root, path)
     return path
+
+
+def check_inside(root: str | Path, model_dir: Path) -> None:
+    """Refuse a model directory under `root` if a file that loading it at any step could open, or its
+    metrics.jsonl, leads outside `root` through a link or is a loop of links: SSLensError names the file. Links that
+    stay inside are fine.
+
+    The list is every file `load_model` could pick whichever kind of directory this looks like (a run, an HF
+    directory), so it cannot disagree with the branch the loader takes. Directories come before what they hold,
+    and checkpoints/ is listed only once it is known to stay inside, so nothing outside is read, not even a name."""
+    inside = Path(root).resolve()
+    files = [model_dir / name for name in ("config.yaml", "config.json", "tokenizer.json", "metrics.jsonl",
+                                           "pytorch_model.bin", "checkpoints")]
+    _refuse_outside(inside, files + sorted(model_dir.glob("*.safetensors")))
+    if (model_dir / "checkpoints").is_dir():
+        for step_dir in sorted(p for p in (model_dir / "checkpoints").iterdir() if _STEP_DIR.fullmatch(p.name)):
+            _refuse_outside(inside, [step_dir, step_dir / "model.safetensors"])
+
+
+def _refuse_outside(inside: Path, paths: list[Path]) -> None:
+    for path in paths:
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # a loop of links: RuntimeError before Python 3.13, OSError since
+            raise SSLensError(f"{path} is a loop of symbolic links; fix or remove the link") from None
+        if not target.is_relative_to(inside):
+            raise SSLensError(f"{path} leads outside the runs root {inside} (to {target}), so it is not opened; "
+                              "copy the file into the run instead of linking to it")
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[int]]:
+    """The records of a metrics.jsonl, and the numbers (from 1) of its lines that are not a complete JSON record:
+    a last line cut short by a full disk or a killed process, or any line damaged later."""
+    records, bad = [], []
+    path = Path(path)
+    if not path.is_file():
+        return records, bad
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            bad.append(number)
+    return records, bad
 
 
 def tokens_seen(run_dir: str | Path) -> dict[int, int]:
     """Training tokens seen at each saved step, from metrics.jsonl (every checkpoint step is logged)."""
-    seen = {0: 0}
-    path = Path(run_dir) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                seen[record["step"]] = record["tokens"]
+    seen = {0: 0} | {r["step"]: r.get("tokens", 0) for r in read_metrics(Path(run_dir) / "metrics.jsonl")[0]}
     return {step: seen[step] for step in saved_steps(run_dir) if step in seen}
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import free_port
 
 from sslens import SSLensError, load_model
-from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
+from sslens.checkpoint import checkpoint_dir, find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
 
 pytest.importorskip("streamlit", reason="the explorer needs the app extra: pip install -e '.[app]'")
@@ -161,3 +161,116 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
         browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+# The explorer stays inside its runs root, and a file it cannot read is a message on the page (issue 17).
+
+def small_run(tiny_run: Path, dest: Path, steps: tuple[int, ...] = (64, 300)) -> Path:
+    """What the explorer reads of the tiny run, with two of its checkpoints: a fraction of a full copy."""
+    dest.mkdir(parents=True)
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
+        shutil.copy(tiny_run / name, dest / name)
+    for step in steps:
+        shutil.copytree(checkpoint_dir(tiny_run, step), checkpoint_dir(dest, step),
+                        ignore=shutil.ignore_patterns("trainer.pt"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_run, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "tiny-hf"
+    load_model(tiny_run).save_hf(path)
+    return path
+
+
+def model_dir(kind: str, tiny_run: Path, tiny_hf: Path, dest: Path) -> Path:
+    if kind == "run":
+        return small_run(tiny_run, dest)
+    return Path(shutil.copytree(tiny_hf, dest))
+
+
+def watch_reads(path: Path):
+    """A function listing what under `path` has been read since: each file's and directory's access time is set
+    before its modification time, which the kernel then updates on the next read, even under relatime."""
+    probe = path.parent / "probe"
+    probe.write_text("x")
+    watched = [probe, path, *path.rglob("*")] if path.is_dir() else [probe, path]
+    marks = {}
+    for p in watched:
+        mtime = p.stat().st_mtime_ns
+        os.utime(p, ns=(mtime - 10**12, mtime))
+        marks[p] = p.stat().st_atime_ns
+    probe.read_text()
+    if probe.stat().st_atime_ns == marks.pop(probe):
+        pytest.skip(f"the filesystem of {path} does not record reads (mounted noatime)")
+    return lambda: [str(p) for p in marks if p.stat().st_atime_ns != marks[p]]
+
+
+@pytest.mark.parametrize("kind, linked", [
+    ("run", "config.yaml"), ("run", "tokenizer.json"), ("run", "metrics.jsonl"), ("run", "checkpoints"),
+    ("run", "checkpoints/step_0000300"), ("run", "checkpoints/step_0000300/model.safetensors"),
+    ("hf", "config.json"), ("hf", "model.safetensors"), ("hf", "tokenizer.json"),
+])
+def test_a_link_leading_outside_the_root_is_refused_and_never_read(kind, linked, tiny_run, tiny_hf, tmp_path,
+                                                                    monkeypatch):
+    model = model_dir(kind, tiny_run, tiny_hf, tmp_path / "root" / "model")
+    outside = tmp_path / "outside" / linked
+    outside.parent.mkdir(parents=True)
+    (model / linked).rename(outside)  # the genuine file, so that following the link would load fine
+    (model / linked).symlink_to(outside)
+    reads = watch_reads(outside)
+    at = start(tmp_path / "root", monkeypatch)
+    assert not at.exception and not at.error and not at.get("plotly_chart") and not at.select_slider
+    assert any(f"model/{linked} leads outside the runs root" in w.value for w in at.warning), at.warning
+    assert reads() == []
+
+
+def test_links_that_stay_inside_the_root_are_followed(tiny_run, tmp_path, monkeypatch):
+    real = tmp_path / "real-root"
+    run = small_run(tiny_run, real / "tiny")
+    (real / "store").mkdir()
+    (tmp_path / "root").symlink_to(real)  # the runs root may itself be a link
+    (run / "tokenizer.json").rename(real / "store" / "tokenizer.json")
+    (run / "tokenizer.json").symlink_to(Path("..") / "store" / "tokenizer.json")
+    (run / "checkpoints").rename(real / "store" / "checkpoints")
+    (run / "checkpoints").symlink_to(tmp_path / "root" / "store" / "checkpoints")
+    at = start(tmp_path / "root", monkeypatch)
+    assert not at.exception and not at.warning and not at.error
+    assert at.selectbox(key="run").options == ["tiny"] and len(at.get("plotly_chart")) == 5
+
+
+def test_a_metrics_file_cut_mid_line_still_shows_the_run(tiny_run, tmp_path, monkeypatch):
+    run = small_run(tiny_run, tmp_path / "root" / "tiny")
+    metrics = (run / "metrics.jsonl").read_bytes()
+    (run / "metrics.jsonl").write_bytes(metrics[:-len(metrics.splitlines()[-1]) // 2])  # step 300's record cut short
+    at = start(tmp_path / "root", monkeypatch)
+    assert not at.exception and not at.warning and not at.error and len(at.get("plotly_chart")) == 5
+    assert at.select_slider(key="step").options == [f"step 64 ({64 * 16 * 128:,} tokens)", "step 300"]
+
+
+@pytest.mark.parametrize("kind, damaged, damage, message", [
+    ("run", "config.yaml", bytes(range(256)), "model"),  # not UTF-8
+    ("run", "config.yaml", b"n_layers: [\n", "config.yaml is unreadable"),
+    ("run", "config.yaml", b"- a list\n", "config.yaml is not a mapping"),
+    ("run", "tokenizer.json", b"{not json", "tokenizer.json is not a tokenizers JSON file"),
+    ("run", "checkpoints", b"a file", "has no checkpoints yet"),
+    ("hf", "config.json", b"[]", "model"),
+    ("hf", "tokenizer.json", bytes(range(256)), "tokenizer.json is not a tokenizers JSON file"),
+    ("run", "config.yaml", "loop", "config.yaml is a loop of symbolic links"),
+    ("run", "tokenizer.json", "loop", "tokenizer.json is a loop of symbolic links"),
+    ("run", "checkpoints", "loop", "checkpoints is a loop of symbolic links"),
+    ("hf", "model.safetensors", "loop", "model.safetensors is a loop of symbolic links"),
+])
+def test_an_unreadable_file_gives_a_message_not_a_traceback(kind, damaged, damage, message, tiny_run, tiny_hf,
+                                                              tmp_path, monkeypatch):
+    model = model_dir(kind, tiny_run, tiny_hf, tmp_path / "root" / "model")
+    shutil.rmtree(model / damaged) if (model / damaged).is_dir() else (model / damaged).unlink()
+    if damage == "loop":
+        (model / damaged).symlink_to(model / "other")
+        (model / "other").symlink_to(model / damaged)
+    else:
+        (model / damaged).write_bytes(damage)
+    at = start(tmp_path / "root", monkeypatch)
+    assert not at.exception and not at.get("plotly_chart")
+    shown = [e.value for e in (*at.warning, *at.error)]
+    assert any(message in text for text in shown), shown
