@@ -73,7 +73,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     from .generate import check_settings
 
     _no_extra(overrides)
-    check_settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+    check_settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
     model = load_model(args.model, step=args.step)
     if model.tokenizer is None:
         raise SSLensError(f"{args.model} has no tokenizer.json, so it cannot read a prompt")
@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args, extra)
     except SSLensError as e:
-        print(f"sslens: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"sslens: {e.prefix}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except OSError as e:  # a path the user gave: missing directory, no permission, disk full
         print(f"sslens: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         sys.exit(2)

@@ -78,6 +78,33 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in settable_fields()}
 
 
+def layer_weights(cfg: ModelConfig) -> int:
+    """The weights of one block's projections (q, k, v, o; gate, up, down): what each token multiplies by."""
+    qkv = cfg.d_model * (cfg.n_heads + 2 * cfg.n_key_value_heads) * cfg.d_head
+    return qkv + cfg.n_heads * cfg.d_head * cfg.d_model + 3 * cfg.d_model * cfg.d_mlp
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Every parameter of the model: the projections and two norm weights per block, the final norm, and the
+    embedding (the unembedding is tied to it)."""
+    return cfg.n_layers * (layer_weights(cfg) + 2 * cfg.d_model) + cfg.d_model + cfg.d_vocab * cfg.d_model
+
+
+def memory_needed(cfg: ModelConfig) -> int:
+    """Bytes for the fp32 weights and one forward of one sequence of n_ctx tokens: an upper estimate, known before
+    anything is allocated, so an impossible config is refused instead of meeting the OOM killer.
+
+    Per token: the residual stream and its normed, attention and MLP outputs (4 d_model), q, k, v and their rotated
+    copies and z, the MLP's gate, up and hidden units (3 d_mlp), and the logits with their log-softmax (2 d_vocab);
+    per layer's attention: the causal mask, the scores and the pattern (3 n_heads n_ctx^2, materialised when
+    hooked); the rotary tables; all in fp32. Only one layer's activations are live at a time (no cache kept).
+    """
+    qkv = (cfg.n_heads + 2 * cfg.n_key_value_heads) * cfg.d_head
+    per_token = 4 * cfg.d_model + 2 * qkv + cfg.n_heads * cfg.d_head + 3 * cfg.d_mlp + 2 * cfg.d_vocab
+    activations = cfg.n_ctx * per_token + 3 * cfg.n_heads * cfg.n_ctx**2 + 2 * cfg.n_ctx * cfg.d_head
+    return 4 * (parameter_count(cfg) + activations)
+
+
 def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 

@@ -16,6 +16,7 @@ compiling.
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,15 +86,20 @@ def sample_tokens(logits: Float[Tensor, "batch d_vocab"], temperature: float = 1
     return choose(logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator))[0]
 
 
-def check_settings(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if not temperature >= 0:
-        raise SSLensError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+def check_settings(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
+                   num_samples: int = 1) -> None:
+    """Refuse sampling settings that have no meaning (an infinite temperature would sample uniformly, NaN nothing),
+    before a model is loaded or a token is drawn."""
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise SSLensError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise SSLensError(f"top_k must be >= 1, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise SSLensError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise SSLensError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if num_samples < 1:
+        raise SSLensError(f"num_samples must be >= 1, got {num_samples}")
 
 
 def _row_times_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -221,6 +227,7 @@ def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequenc
     Prompts are strings (encoded with the model's tokenizer, no [EOS]) or token-id lists. The same seed gives the
     same samples; with temperature 0 a prompt's continuation is the same whatever else shares its batch.
     """
+    check_settings(temperature, top_k, top_p, max_new_tokens, num_samples)
     tok = model.tokenizer
     if isinstance(prompts, str):
         prompts = [prompts]

@@ -7,6 +7,7 @@ h -> h // n_rep, SwiGLU, tied unembedding); hook names and weight views follow T
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,9 +22,9 @@ from torch.nn.modules import module as module_hooks
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, memory_needed, parameter_count
 from .errors import SSLensError
-from .tokenizer import encode
+from .tokenizer import alphabet_size, encode
 
 
 def hooks_attached(module: nn.Module) -> bool:
@@ -270,6 +271,36 @@ class TransformerBlock(nn.Module):
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
 
 
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes that can still be allocated on `device`: the free memory of a CUDA device; on the CPU Linux's
+    MemAvailable (what can be had without swapping), else the free pages os.sysconf reports. None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # not Linux, or an unusual /proc
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def check_memory(cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
+    """Refuse a model whose weights and one forward (`memory_needed`) cannot fit in the memory available on
+    `device`, before any of it is allocated: a typo like d_model=1000000 would otherwise run into the OOM killer."""
+    need, available = memory_needed(cfg), available_memory(device)
+    if available is not None and need > available:
+        shape = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "n_ctx"))
+        raise SSLensError(f"{cfg.model_name} ({shape}) has {parameter_count(cfg):,} parameters and needs about "
+                          f"{need / 2**30:,.1f} GiB for its weights and one forward, but {available / 2**30:,.1f} GiB "
+                          f"is available on {torch.device(device).type}; choose a smaller model")
+
+
 def _stacked(module: str, weight: str, shape: str) -> property:
     """A TransformerLens model-level weight: the per-block weight stacked over layers."""
     def get(self: HookedLlama) -> Tensor:
@@ -287,6 +318,7 @@ class HookedLlama(HookedRootModule):
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer: tokenizers.Tokenizer | None = None):
+        check_memory(cfg, torch.get_default_device())
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
@@ -299,6 +331,13 @@ class HookedLlama(HookedRootModule):
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.setup()
 
+    def to(self, *args, **kwargs) -> HookedLlama:
+        """nn.Module.to, refusing first a move onto a GPU without room for the weights and one forward."""
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]  # the parser nn.Module.to itself uses
+        if device is not None and device.type == "cuda" and self.W_E.device.type != "cuda":
+            check_memory(self.cfg, device)
+        return super().to(*args, **kwargs)
+
     @property
     def tokenizer(self) -> tokenizers.Tokenizer | None:
         return self._tokenizer
@@ -307,8 +346,11 @@ class HookedLlama(HookedRootModule):
     def tokenizer(self, tok: tokenizers.Tokenizer | None) -> None:
         """A tokenizer may have fewer entries than d_vocab (SimpleStories' 4019 with a 4096 model), never more."""
         if tok is not None and tok.get_vocab_size() > self.cfg.d_vocab:
-            raise SSLensError(f"the tokenizer has {tok.get_vocab_size()} tokens but the model's d_vocab is "
-                              f"{self.cfg.d_vocab}; train the tokenizer with --vocab-size {self.cfg.d_vocab} or raise d_vocab")
+            size, d_vocab, fewest = tok.get_vocab_size(), self.cfg.d_vocab, alphabet_size(tok)
+            other = (f", or use a tokenizer of at most {d_vocab} tokens (sslens tokenizer train --vocab-size {d_vocab})"
+                     if d_vocab >= fewest else f" (its characters, alone and as ##continuations, take {fewest} tokens)")
+            raise SSLensError(f"the tokenizer has {size} tokens but the model's d_vocab is {d_vocab}; raise d_vocab "
+                              f"to at least {size}{other}")
         self._tokenizer = tok
 
     @classmethod

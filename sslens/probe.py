@@ -20,7 +20,6 @@ import csv
 import fnmatch
 import io
 import json
-import os
 import re
 import tempfile
 import time
@@ -42,13 +41,14 @@ from tqdm import tqdm  # text bars: notebooks need no ipywidgets
 from .config import DEFAULT_PROBE_HOOKS as DEFAULT_HOOKS
 from .errors import SSLensError
 from .generate import left_pad
-from .model import HookedLlama
+from .model import HookedLlama, available_memory
 from .tokenizer import encode_batch
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)  # scikit-learn's C: inverse L2 strength
+MIN_STORIES = 5  # the 60/20/20 split's smallest: 3 stories to fit the probe on, 1 to choose C, 1 to test
 _NOT_PER_POSITION = ("hook_attn_scores", "hook_pattern")  # [batch, head, q_pos, k_pos]: no per-token pooling
 
 
@@ -148,6 +148,15 @@ def control_labels(stories: Sequence[str], labels: Sequence[str], train: Sequenc
     return [classes[assigned[story_type(s)]] for s in stories]
 
 
+def check_labels(labels: Sequence[str]) -> None:
+    """Refuse labels no probe can be fitted and tested on: too few stories for the split, or one label value."""
+    if len(labels) < MIN_STORIES:
+        raise SSLensError(f"{len(labels)} labelled stories are too few: the 60/20/20 train/validation/test split "
+                          f"needs at least {MIN_STORIES} (3 to fit the probe, 1 to choose C, 1 to test); use more stories")
+    if len(set(labels)) < 2:
+        raise SSLensError("the label has fewer than two distinct values among these stories; nothing to probe")
+
+
 def split(labels: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train/validation/test story indices (60/20/20), stratified when every label has at least five stories."""
     index = np.arange(len(labels))
@@ -206,8 +215,7 @@ def probe_features(features: dict[str, np.ndarray], stories: Sequence[str], labe
                    step: int | None = None, seed: int = 0, progress: str | None = None) -> list[ProbeResult]:
     """A probe and its control per hook, on one split of the stories shared by every hook (and every step, for the
     same seed)."""
-    if len(set(labels)) < 2:
-        raise SSLensError("the label has fewer than two distinct values among these stories; nothing to probe")
+    check_labels(labels)
     y = np.asarray(labels)
     train, val, test = split(labels, seed)
     control = np.asarray(control_labels(stories, labels, train, seed))
@@ -235,18 +243,22 @@ def probe(model: HookedLlama, stories: Sequence[str], labels: Sequence[str], hoo
 def load_labelled(source: str | Path, label: str, split_name: str = "train", max_stories: int | None = None,
                   seed: int = 0) -> tuple[list[str], list[str]]:
     """Stories and their `label` column from a story source (see `sslens.data.load_stories`); a random sample of
-    `max_stories` if given."""
+    `max_stories` if given. Refuses, before any model work, what no probe can be fitted and tested on."""
     from .data import load_stories
 
-    if max_stories is not None and max_stories < 2:
-        raise SSLensError(f"max_stories must be at least 2 (a probe needs stories to train and test on), not {max_stories}")
+    if max_stories is not None and max_stories < MIN_STORIES:
+        raise SSLensError(f"max_stories must be at least {MIN_STORIES}, not {max_stories}: the stories are split "
+                          "60/20/20 into train, validation and test, which needs 3 to fit the probe, 1 to choose C "
+                          "and 1 to test")
     ds = load_stories(source, split_name)
     if label not in ds.column_names:
         columns = [c for c in ds.column_names if c != "story"]
         raise SSLensError(f"{source} has no label column {label!r}; its columns: {', '.join(columns) or 'none'}")
     if max_stories is not None and max_stories < len(ds):
         ds = ds.shuffle(seed=seed).select(range(max_stories))
-    return list(ds["story"]), [str(v) for v in ds[label]]
+    labels = [str(v) for v in ds[label]]
+    check_labels(labels)
+    return list(ds["story"]), labels
 
 
 @torch.inference_mode()
@@ -268,8 +280,8 @@ def training_data(path: str | Path) -> str | None:
 
 def spill_needed(n_stories: int, widths: Sequence[int]) -> bool:
     """Whether a harvest's arrays would take more than a quarter of the memory available now."""
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 4 * n_stories * sum(widths) > available / 4
+    available = available_memory()
+    return available is None or 4 * n_stories * sum(widths) > available / 4
 
 
 def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Sequence[str], labels: Sequence[str],

@@ -35,11 +35,26 @@ def simplestories_pipeline(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> tokenizers.Tokenizer:
-    """Train the SimpleStories WordPiece recipe on `texts`: [UNK] = 0, [EOS] = 1, `vocab_size` entries at most."""
+    """Train the SimpleStories WordPiece recipe on `texts`: [UNK] = 0, [EOS] = 1, `vocab_size` entries at most.
+    WordPiece keeps every character of the texts whatever `vocab_size` asks, so a size below that alphabet is
+    refused, naming the smallest that works (61 for the embedded corpus)."""
+    if vocab_size < 1:
+        raise SSLensError(f"the vocabulary size must be positive, got {vocab_size}")
     tok = simplestories_pipeline(tokenizers.Tokenizer(WordPiece(unk_token=UNK, continuing_subword_prefix="##")))
     tok.train_from_iterator(texts, WordPieceTrainer(vocab_size=vocab_size, special_tokens=[UNK, EOS],
                                                     continuing_subword_prefix="##", show_progress=False))
+    if tok.get_vocab_size() > vocab_size:
+        raise SSLensError(f"a vocabulary of {vocab_size} tokens cannot hold these stories: [UNK], [EOS] and each "
+                          f"character, alone and as a ##continuation, take {tok.get_vocab_size()}; ask for at least "
+                          f"{tok.get_vocab_size()} (d_vocab when training, --vocab-size for sslens tokenizer train)")
     return simplestories_pipeline(tok)  # again, now that [EOS] has an id for the post-processor
+
+
+def alphabet_size(tok: tokenizers.Tokenizer) -> int:
+    """The entries no WordPiece tokenizer of `tok`'s characters can do without: its special tokens and each
+    character, alone and as a ##continuation (`train_tokenizer` never returns fewer, whatever it is asked)."""
+    vocab = tok.get_vocab(with_added_tokens=False)
+    return len(tok.get_added_tokens_decoder()) + sum(len(t) == 1 or (len(t) == 3 and t.startswith("##")) for t in vocab)
 
 
 def load_tokenizer(path: str | Path) -> tokenizers.Tokenizer:

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from sslens import ConfigError, HookedLlama, ModelConfig, load_config, preset_names
-from sslens.config import parse_overrides
+from sslens.config import parameter_count, parse_overrides
 
 from conftest import PRESETS
 
@@ -31,6 +31,41 @@ def test_preset_architecture_and_exact_parameter_count(name):
     assert d_mlp == int(8 * d_model / 3)
     assert (cfg.d_vocab, cfg.n_ctx, cfg.n_key_value_heads, cfg.eps, cfg.rotary_base) == (4096, 512, 2, 1e-6, 10000.0)
     assert sum(p.numel() for p in model.parameters()) == n_params
+    assert parameter_count(cfg) == n_params  # the count the memory check uses, from the config alone
+
+
+@pytest.mark.parametrize("shape", [
+    dict(n_layers=1, d_model=12, n_heads=6, n_key_value_heads=3, d_mlp=7, d_vocab=13, n_ctx=5),
+    dict(n_layers=3, d_model=64, n_heads=8, n_key_value_heads=1, d_mlp=1, d_vocab=2, n_ctx=1),
+    dict(n_layers=2, d_model=48, n_heads=2, n_key_value_heads=2, d_mlp=333, d_vocab=1001, n_ctx=64),
+])
+def test_parameter_count_of_odd_shapes_is_exact(shape):
+    cfg = ModelConfig(**shape)
+    assert parameter_count(cfg) == sum(p.numel() for p in HookedLlama(cfg).parameters())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in KiB on Linux only")
+def test_memory_estimate_bounds_a_measured_forward():
+    """Against what a forward really takes: a fresh process runs 1.25M over 4096 tokens with every attention pattern
+    materialised (the costliest path); the growth of its peak resident memory must lie within the estimate's
+    activations, and the estimate must not be more than twice it (it would refuse models that fit)."""
+    script = """
+import gc, resource, torch
+from sslens import HookedLlama
+from sslens.config import memory_needed, parameter_count
+torch.set_num_threads(1)
+model = HookedLlama.from_preset("1.25M", n_ctx=4096).eval()
+tokens = torch.randint(0, 4096, (1, 4096))
+gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), lambda x, hook: x)])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024,
+      memory_needed(model.cfg) - 4 * parameter_count(model.cfg))
+"""
+    measured, estimate = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                                 check=True).stdout.split())
+    assert measured <= estimate <= 2 * measured, (measured, estimate)
 
 
 def test_config_uses_transformerlens_field_names():

@@ -199,6 +199,22 @@ def test_length_rule_and_bad_settings(model):
     assert model.generate("ça, über — 日本", max_new_tokens=3, temperature=0)[0].prompt_tokens  # [UNK], not a crash
 
 
+@pytest.mark.parametrize("setting, message", [
+    (dict(num_samples=0), "num_samples must be >= 1, got 0"),
+    (dict(num_samples=-2), "num_samples must be >= 1, got -2"),
+    (dict(temperature=float("inf")), r"temperature must be >= 0 and finite \(0 = greedy\), got inf"),
+    (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(top_p=float("nan")), "top_p must be in"),
+    (dict(top_k=0), "top_k must be >= 1, got 0"),
+    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+])
+def test_settings_without_meaning_are_refused(small_model, setting, message):
+    """The Python API refuses what the CLI refuses (generate.check_settings), before a token is drawn."""
+    with pytest.raises(SSLensError, match=message):
+        small_model.generate([[5, 6, 7]], **{"max_new_tokens": 2, **setting})
+
+
 def sslens(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True, **kwargs)
 

@@ -162,3 +162,19 @@ def test_unsupported_hf_features_are_refused(tmp_path):
     cfg.save_pretrained(tmp_path / "scaled")
     with pytest.raises(ConfigError, match="RoPE scaling"):
         load_model(tmp_path / "scaled")
+
+
+def test_an_hf_config_too_large_for_memory_is_refused_without_allocating(tmp_path):
+    """hidden_size 1e9 would ask for exabytes: load_model refuses from config.json alone (no weights file needed),
+    in one line and at once."""
+    import json
+    import time
+
+    config = hf_reference("1.25M").config.to_dict() | {"hidden_size": 10**9, "head_dim": 10**9 // 4}
+    (tmp_path / "huge").mkdir()
+    (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
+    start = time.perf_counter()
+    with pytest.raises(SSLensError, match=r"^huge \(n_layers=4, d_model=1000000000, .*\) has [\d,]+ parameters and needs "
+                                          r"about [\d,.]+ GiB .* is available on cpu; choose a smaller model$") as refused:
+        load_model(tmp_path / "huge")
+    assert time.perf_counter() - start < 5 and "\n" not in str(refused.value)

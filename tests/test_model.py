@@ -1,4 +1,6 @@
 import copy
+import re
+import time
 
 import pytest
 import torch
@@ -237,3 +239,43 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused():
     with pytest.raises(SSLensError, match="the tokenizer has 4096 tokens but the model's d_vocab is 1000"):
         model.tokenizer = placeholder_tokenizer(4096)
     assert model.tokenizer.get_vocab_size() == 1000
+
+
+def test_a_tokenizer_too_large_names_only_vocabularies_that_can_work():
+    """A model too small even for the tokenizer's alphabet is told to raise d_vocab, not to train a tokenizer of
+    d_vocab tokens (WordPiece keeps every character, so it could not); one large enough gets both choices."""
+    from sslens.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["ab ba abc"] * 3, vocab_size=9)  # [UNK] [EOS] a b c ##a ##b ##c, then "ab"
+    assert tok.get_vocab_size() == 9
+    with pytest.raises(SSLensError) as refused:
+        HookedLlama.from_preset("1.25M", d_vocab=5).tokenizer = tok
+    assert str(refused.value) == ("the tokenizer has 9 tokens but the model's d_vocab is 5; raise d_vocab to at least 9 "
+                                  "(its characters, alone and as ##continuations, take 8 tokens)")
+    with pytest.raises(SSLensError, match="raise d_vocab to at least 9, or use a tokenizer of at most 8 tokens "
+                                          r"\(sslens tokenizer train --vocab-size 8\)"):
+        HookedLlama.from_preset("1.25M", d_vocab=8).tokenizer = tok
+
+
+def test_a_model_too_large_for_memory_is_refused_before_allocating():
+    """d_model=10,000,000 would need petabytes: refused from the config in one line, at once, naming the estimate."""
+    start = time.perf_counter()
+    with pytest.raises(SSLensError) as refused:
+        HookedLlama.from_preset("1.25M", d_model=10_000_000)
+    assert time.perf_counter() - start < 2
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("SimpleStories-1.25M (n_layers=4, d_model=10000000, d_mlp=341")
+    assert re.search(r"needs about [\d,.]+ GiB for its weights and one forward, but [\d,.]+ GiB is available on cpu; "
+                     "choose a smaller model$", message)
+
+
+def test_the_memory_check_measures_the_device_the_model_goes_to(small_model, monkeypatch):
+    """Moving onto a GPU checks that GPU's free memory (here made too small), before anything is copied."""
+    import sslens.model
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**20, 80 * 2**30))
+    with pytest.raises(SSLensError, match=r"needs about 0\.\d GiB .* but 0\.0 GiB is available on cuda"):
+        copy.deepcopy(small_model).to("cuda")
+    monkeypatch.setattr(sslens.model, "available_memory", lambda device=None: 2**20)
+    with pytest.raises(SSLensError, match="is available on cpu"):
+        HookedLlama.from_preset("1.25M")

@@ -174,7 +174,7 @@ def test_probe_every_checkpoint(tiny_run, tmp_path):
     (["--label", "theme", "--steps", "3"], "no checkpoint at step 3"),
     (["--label", "theme", "--data", "missing.parquet"], "data path missing.parquet not found"),
     (["--label", "theme", "--batch_size", "0"], "batch_size must be at least 1, not 0"),
-    (["--label", "theme", "--max_stories", "-3"], "max_stories must be at least 2"),
+    (["--label", "theme", "--max_stories", "-3"], "max_stories must be at least 5, not -3"),
 ])
 def test_probe_refusals(tiny_run, args, message):
     done = sslens("probe", str(tiny_run), "--max_stories", "50", *args)
@@ -188,3 +188,21 @@ def test_probe_needs_data_for_a_model_outside_a_run(tmp_path):
     HookedLlama.from_preset("1.25M").save_hf(tmp_path / "hf")
     done = sslens("probe", str(tmp_path / "hf"), "--label", "theme")
     assert done.returncode == 2 and "name the labelled stories with --data" in done.stderr
+
+
+def test_too_few_stories_for_the_split_are_refused_before_any_model_work(tmp_path):
+    """60/20/20 needs 5 stories (3 to fit, 1 to choose C, 1 to test): fewer is refused by load_labelled, before a
+    model is loaded, whether max_stories asks for fewer or the data holds fewer; probe_features refuses the same."""
+    with pytest.raises(SSLensError, match="max_stories must be at least 5, not 2: the stories are split 60/20/20 into "
+                                          "train, validation and test, which needs 3 to fit the probe, 1 to choose C"):
+        load_labelled("synth:300", "theme", max_stories=2)
+    (tmp_path / "four.jsonl").write_text("".join(json.dumps({"story": f"story {i}", "theme": "ab"[i % 2]}) + "\n"
+                                                 for i in range(4)))
+    with pytest.raises(SSLensError, match=r"^4 labelled stories are too few: the 60/20/20 train/validation/test split "
+                                          r"needs at least 5 \(3 to fit the probe, 1 to choose C, 1 to test\)"):
+        load_labelled(tmp_path / "four.jsonl", "theme")
+    with pytest.raises(SSLensError, match="4 labelled stories are too few"):
+        probe_features({"hook_embed": np.zeros((4, 3), np.float32)}, ["a b"] * 4, list("abab"))
+    stories, labels = load_labelled("synth:300", "theme", max_stories=5)
+    assert len(probe_features({"hook_embed": np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)},
+                              stories, labels)) == 1  # the smallest count that is accepted does fit and score

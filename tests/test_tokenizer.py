@@ -5,8 +5,8 @@ import tokenizers
 from tokenizers.models import WordPiece
 
 from sslens import SSLensError
-from sslens.tokenizer import (EOS, UNK, encode, encode_batch, load_tokenizer, placeholder_tokenizer, save_tokenizer,
-                              simplestories_pipeline, train_tokenizer)
+from sslens.tokenizer import (EOS, UNK, alphabet_size, encode, encode_batch, load_tokenizer, placeholder_tokenizer,
+                              save_tokenizer, simplestories_pipeline, train_tokenizer)
 
 from conftest import shared_file
 
@@ -72,3 +72,17 @@ def test_bad_tokenizer_files(tmp_path):
 def test_placeholder_tokenizer_maps_words_to_ids():
     tok = placeholder_tokenizer(4096)
     assert tok.get_vocab_size() == 4096 and encode(tok, "t7 t4095 [EOS] nonsense", eos=False) == [7, 4095, 1, 0]
+
+
+def test_a_vocabulary_below_the_alphabet_is_refused_naming_the_smallest_that_works():
+    """WordPiece keeps [UNK], [EOS] and each character alone and as a ##continuation whatever vocab_size asks: for
+    "ab ba abc" that is 8 entries (a, b, c, ##a, ##b, ##c). Asking for fewer is refused naming 8, which works."""
+    texts = ["ab ba abc"] * 3
+    assert train_tokenizer(texts, vocab_size=8).get_vocab_size() == 8
+    assert alphabet_size(train_tokenizer(texts, vocab_size=20)) == 8
+    for asked in (2, 7):
+        with pytest.raises(SSLensError, match=f"a vocabulary of {asked} tokens cannot hold these stories: .* take 8; "
+                                              r"ask for at least 8 \(d_vocab when training, --vocab-size for"):
+            train_tokenizer(texts, vocab_size=asked)
+    with pytest.raises(SSLensError, match="the vocabulary size must be positive, got -1"):
+        train_tokenizer(texts, vocab_size=-1)
