@@ -113,8 +113,8 @@ def read_split(run_dir: str | Path) -> dict | None:
 def read_run_config(run_dir: Path) -> dict:
     try:
         values = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise SSLensError(f"{run_dir}/config.yaml is unreadable: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bytes that are not UTF-8
+        raise SSLensError(f"{run_dir}/config.yaml is unreadable: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     if not isinstance(values, dict):
         raise SSLensError(f"{run_dir}/config.yaml is not a mapping of config keys")
     return values

@@ -16,7 +16,9 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,15 +32,16 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, read_run_config, save_checkpoint,
-                         saved_steps, write_run_config)
+from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, read_metrics, read_run_config,
+                         read_split, save_checkpoint, saved_steps, write_run_config, write_split)
 from .config import ModelConfig, TrainConfig
-from .data import Batches, tokenize, train_val
-from .errors import SSLensError
-from .fileio import atomic_write_text
+from .data import Batches, Split, tokenize, train_val
+from .errors import Interrupted, SSLensError
+from .fileio import atomic_write_text, writing
 from .flops import flops_per_token, peak_flops
 from .model import HookedLlama
-from .tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from .runlock import RunLock
+from .tokenizer import encode, load_tokenizer, save_tokenizer, train_tokenizer
 
 
 SAMPLE_PROMPT = "Once upon a time"
@@ -91,6 +94,7 @@ class PendingStep:
     grad_norm: Float[Tensor, ""]
     began: Mark
     ended: Mark
+    stop: Tensor | None = None  # under torchrun: how many ranks were signalled by this step
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -144,38 +148,95 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.max_steps >= 200 and (device.type == "cuda" or shutil.which("g++") is not None)
 
 
-def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Path, bool]:
-    """The run directory, checked and writable, and whether this call created it."""
+def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Path, bool, RunLock]:
+    """The run directory, locked for this process, checked, and whether this call created it. Nothing in it is
+    touched before the lock is held: another process may be training there."""
     run_dir = Path(cfg.out_dir or Path("runs") / model_cfg.model_name)
-    created = not run_dir.exists()
     if run_dir.exists() and not run_dir.is_dir():
         raise SSLensError(f"out_dir {run_dir} is a file; choose a directory with --out_dir=DIR")
-    if saved_steps(run_dir) and not cfg.resume:
-        raise SSLensError(f"{run_dir} already holds a run; continue it with --resume or choose another --out_dir")
-    if cfg.resume and not saved_steps(run_dir):
-        raise SSLensError(f"--resume: {run_dir} has no complete checkpoint to resume from")
-    for partial in (run_dir / "checkpoints").glob(".tmp-*") if run_dir.is_dir() else []:
-        shutil.rmtree(partial, ignore_errors=True)  # a checkpoint whose writer was killed: never renamed, never used
     try:
+        created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        lock = RunLock(run_dir)
     except OSError as e:
         raise SSLensError(f"out_dir {run_dir} is not writable ({e.strerror})") from None
-    return run_dir, created
+    try:
+        if saved_steps(run_dir) and not cfg.resume:
+            raise SSLensError(f"{run_dir} already holds a run; continue it with --resume or choose another --out_dir")
+        if cfg.resume and not saved_steps(run_dir):
+            raise SSLensError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    except SSLensError:
+        lock.release()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    for partial in (run_dir / "checkpoints").glob(".tmp-*"):
+        shutil.rmtree(partial, ignore_errors=True)  # a checkpoint whose writer was killed: never renamed, never used
+    return run_dir, created, lock
+
+
+def open_run(cfg: TrainConfig, model_cfg: ModelConfig, world: int) -> tuple[Path, bool, RunLock | None]:
+    """`prepare_run_dir` on rank 0, its directory shared with every rank; rank 0 alone holds the lock."""
+    held = []
+
+    def prepare() -> tuple[Path, bool]:
+        run_dir, created, lock = prepare_run_dir(cfg, model_cfg)
+        held.append(lock)
+        return run_dir, created
+
+    run_dir, created = _on_rank0(world, prepare)
+    return run_dir, created, (held[0] if held else None)
 
 
 @contextlib.contextmanager
 def removed_on_refusal(run_dir: Path, created: bool) -> Iterator[None]:
-    """A run directory this call created is removed again if the run is refused before training starts, so a
-    refusal leaves nothing behind."""
+    """A run directory this call created is removed again if the run is refused or interrupted before training
+    starts, so a refusal leaves nothing behind."""
     try:
         yield
     except (SSLensError, OSError):
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+class StopRequest:
+    """SIGINT and SIGTERM while `train` runs. Before the loop starts there is nothing to save: a signal interrupts
+    at once. In the loop, the first signal is noted; the loop finishes the optimizer step in progress, checkpoints
+    it and raises `Interrupted`. A second signal exits at once: every file is written atomically, so whatever it
+    cuts short is never read. Under torchrun the ranks agree through the flag reduced with each step's loss."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.in_loop = False
+        self.agreed = False  # some rank's flag was set, as read from a reduced step (every rank reads the same)
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may handle signals
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            os.write(2, b"sslens: interrupted again; exiting now (the newest complete checkpoint is kept)\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        if not self.in_loop:
+            raise Interrupted("interrupted before training started; nothing to resume", signum)
+
+    def flag(self, device: torch.device) -> Tensor:
+        return torch.full((), float(self.signum is not None), device=device)  # a fill kernel: no host sync
+
+    def stops_after_this_step(self, world: int) -> bool:
+        return self.agreed if world > 1 else self.signum is not None
+
+    def interrupted(self, step: int) -> Interrupted:
+        return Interrupted(f"interrupted at step {step}; checkpoint saved; continue with --resume", self.signum or signal.SIGINT)
 
 
 def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> None:
@@ -217,13 +278,29 @@ def distributed() -> tuple[int, int]:
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -> Path:
     """Train, checkpointing on the schedule, and return the run directory. Under torchrun every rank takes its
-    slice of each global batch (batch_size per rank); rank 0 alone writes the tokenizer, checkpoints and logs."""
+    slice of each global batch (batch_size per rank); rank 0 alone writes the tokenizer, checkpoints and logs, and
+    holds the run directory's lock. SIGINT or SIGTERM stops after the current step with a checkpoint of it
+    (`StopRequest`), raising `Interrupted`."""
     rank, world = distributed()
-    main = rank == 0
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    run_dir, created = _on_rank0(world, lambda: prepare_run_dir(cfg, model_cfg))
+    try:
+        with StopRequest() as stop:
+            run_dir, created, lock = open_run(cfg, model_cfg, world)
+            try:
+                return run_training(model_cfg, cfg, torch.device(device), rank, world, run_dir, created, stop)
+            finally:
+                if lock is not None:
+                    lock.release()
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, rank: int, world: int, run_dir: Path,
+                 created: bool, stop: StopRequest) -> Path:
+    """`train` in its locked run directory: set-up (refused before anything is written), then the loop."""
+    main = rank == 0
     with removed_on_refusal(run_dir, created and main):
         if cfg.resume:
             saved = read_run_config(run_dir)
@@ -240,7 +317,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
         model.init_weights(cfg.seed)
         schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
         _on_rank0(world, lambda: check_free_space(run_dir, model, len(schedule)))  # a refusal reaches every rank
-        train_stories, val_stories = train_val(cfg.data, seed=cfg.seed)
+        split = train_val(cfg.data, seed=cfg.seed)
+        train_stories, val_stories = split.train, split.val
 
         def write_tokenizer_and_config() -> None:
             if cfg.resume:
@@ -249,10 +327,17 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                 tok = load_tokenizer(cfg.tokenizer)
             else:
                 tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
-            model.tokenizer = tok  # refuses one larger than d_vocab, before anything is written
+            # refused before anything is written: a tokenizer larger than d_vocab, a context too short for the
+            # samples' prompt, another split than the one resumed, a token stream shorter than one window
+            model.tokenizer = tok
+            check_sample_prompt(tok, model_cfg, cfg)
+            record = check_split(run_dir, split, cfg)
+            for stories, what in ((train_stories, "the training stories"),
+                                  (val_stories, f"the validation stories ({record['validation']})")):
+                Batches(tokenize(stories, tok), model_cfg.n_ctx, 1, what=what)  # and the token cache, for every rank
             save_tokenizer(tok, run_dir / "tokenizer.json")
             write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
-            tokenize(train_stories, tok), tokenize(val_stories, tok)  # fill the cache once, for every rank
+            write_split(run_dir, record)
 
         _on_rank0(world, write_tokenizer_and_config)
         model.tokenizer = tok = load_tokenizer(run_dir / "tokenizer.json")
@@ -262,6 +347,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
         model.to(device).train()
         optimizer = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
+    stop.in_loop = True  # from here a signal stops training after a step, with a checkpoint
     forward = TrainingLoss(model)
     forward = torch.compile(forward) if use_compile(cfg, device) else forward
     if world > 1:
@@ -309,9 +395,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             if main and cfg.val_samples:  # seeded by the step: resume writes the same stories, global RNG untouched
                 record["samples"] = [SAMPLE_PROMPT + s.text for s in model.generate(
                     SAMPLE_PROMPT, 48, temperature=0.8, top_k=40, seed=p.step, num_samples=cfg.val_samples)]
+        if p.stop is not None and p.stop.item() > 0:  # some rank was signalled: all stop after the step in progress
+            stop.agreed = True
         if p.step % cfg.log_every == 0 or "val_loss" in record or p.step in schedule:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            with writing(metrics_path):
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             if wandb_run is not None:
                 wandb_run.log(record, step=p.step)
         if p.step in schedule:
@@ -319,7 +408,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{p.lr:.2e}", tok_s=record["tok_s"], mfu=f"{record['mfu']:.1%}")
 
-    with open(metrics_path, "a") if main else open(os.devnull, "w") as log:
+    with writing(metrics_path), open(metrics_path, "a") if main else open(os.devnull, "w") as log:
         while step < cfg.max_steps:
             began = Mark(device)
             lr = lr_at(step, cfg)
@@ -335,21 +424,24 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
                 loss_sum += loss.detach()
             if pending is not None:  # the previous step, read while this one runs
                 settle(pending)
-            loss_sum = _mean_over_ranks(loss_sum, world)
+            loss_sum, stop_flag = _mean_over_ranks(loss_sum, world, stop.flag(device))
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             skip_if_not_finite(optimizer, loss_sum, grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            pending = PendingStep(step, lr, loss_sum, grad_norm, began, Mark(device))
+            pending = PendingStep(step, lr, loss_sum, grad_norm, began, Mark(device), stop_flag)
+            stopping = stop.stops_after_this_step(world)
+            if stopping:
+                schedule.add(step)
             if not lagged or validates(step) or step in schedule:  # these see this step's weights, nothing later
                 settle(pending)
                 pending = None
+            if stopping:
+                raise stop.interrupted(step)
     bar.close()
     if wandb_run is not None:
         wandb_run.finish()
-    if world > 1:
-        dist.destroy_process_group()
     return run_dir
 
 
@@ -364,11 +456,14 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _mean_over_ranks(value: Tensor, world: int) -> Tensor:
-    if world > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / world
-    return value
+def _mean_over_ranks(value: Tensor, world: int, stop_flag: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The value's mean over ranks, and the sum of their stop flags (None alone: a lone process reads its own),
+    in one reduction."""
+    if world == 1:
+        return value, None
+    both = torch.stack([value, stop_flag])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM)
+    return both[0] / world, both[1]
 
 
 def start_wandb(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig):
@@ -421,7 +516,31 @@ def resume(run_dir: Path, model: HookedLlama, optimizer: torch.optim.Optimizer, 
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop the metrics lines after `step` (written by a run that died before its next checkpoint)."""
+    """Drop the metrics lines after `step` (written by a run that died before its next checkpoint), and any line
+    that is not a whole record (cut short by a full disk or a kill), with a warning."""
     if path.exists():
-        lines = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-        atomic_write_text(path, "".join(l + "\n" for l in lines))
+        records, bad = read_metrics(path)
+        if bad:
+            print(f"sslens: warning: {path}: dropped line {', '.join(map(str, bad))}, not a complete record "
+                  "(a write cut short)", file=sys.stderr)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+
+
+def check_sample_prompt(tok, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
+    """Validation samples continue SAMPLE_PROMPT: refuse, at start, a context too short to hold it and one token."""
+    length = len(encode(tok, SAMPLE_PROMPT, eos=False))
+    if cfg.val_samples and length >= model_cfg.n_ctx:
+        raise SSLensError(f"n_ctx {model_cfg.n_ctx} leaves no room to continue the validation samples' prompt "
+                          f"{SAMPLE_PROMPT!r} ({length} tokens); raise n_ctx above {length} or set --val_samples=0")
+
+
+def check_split(run_dir: Path, split: Split, cfg: TrainConfig) -> dict:
+    """The record of this run's training/validation split; on --resume, refused unless it is the recorded one
+    (the data changed, or another seed would hold out other stories)."""
+    record = split.record(cfg.data, cfg.seed)
+    saved = read_split(run_dir) if cfg.resume else None
+    keys = ("validation", "train_fingerprint", "val_fingerprint")
+    if saved is not None and any(saved.get(k) != record[k] for k in keys):
+        raise SSLensError(f"--resume: the training or validation stories differ from those in {run_dir}/split.json "
+                          "(the data or the seed changed); resume with the run's own data and seed")
+    return record

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from sslens.config import ConfigError, load_config, load_train_config, parse_ove
 from sslens.config import TrainConfig
 from sslens.errors import SSLensError
 from sslens.tokenizer import placeholder_tokenizer, save_tokenizer
+
+from test_data import BAD_FILES, write_bad_data_files
 
 TINY = ["--n_layers=1", "--d_model=32", "--n_heads=2", "--n_key_value_heads=1", "--d_mlp=64", "--d_vocab=512",
         "--n_ctx=32", "--batch_size=2", "--max_steps=2", "--data=synth:300", "--compile=False"]
@@ -45,6 +48,8 @@ def files(tmp_path):
     (tmp_path / "no_text.jsonl").write_text('{"title": "a"}\n{"title": "b"}\n')
     (tmp_path / "a_file").write_text("keep me")
     save_tokenizer(placeholder_tokenizer(1024), tmp_path / "tok1024.json")
+    write_bad_data_files(tmp_path)  # the bad-data cases below
+    (tmp_path / "few.jsonl").write_text("".join(f'{{"story": "mia saw {i} birds."}}\n' for i in range(60)))
     return tmp_path
 
 
@@ -61,6 +66,14 @@ TRAIN_CASES = [
     (lambda d: ["1.25M", "--out_dir=" + str(d / "a_file")], "is a file"),
     (lambda d: ["1.25M", "--out_dir=/proc/sslens-cannot-write-here"], "sslens-cannot-write-here"),
     (lambda d: ["1.25M", "--resume"], "no complete checkpoint to resume from"),
+]
+# Data files datasets cannot read, or reads wrongly: each named with its fault (issue 17, data pipeline).
+TRAIN_CASES += [(lambda d, name=name: ["1.25M", f"--data={d / name}"], words) for name, words in BAD_FILES
+                if name in ("empty.jsonl", "latin1.txt", "no_rows.parquet", "cut_line.jsonl", "dir_without_data")]
+# Runs that would fail late: a context too short for the validation samples, held-out stories shorter than a window.
+TRAIN_CASES += [
+    (lambda d: ["1.25M", "--n_ctx=4"], "n_ctx 4 leaves no room to continue the validation samples' prompt"),
+    (lambda d: ["1.25M", f"--data={d / 'few.jsonl'}"], "the validation stories (held out) hold "),
 ]
 
 
@@ -112,6 +125,15 @@ GENERATE_CASES = [
     ("run", ["--prompt", "once " * 40], "the context is 32, so at most 31"),
     ("run", ["--prompt", ""], "empty prompt"),
     ("run", ["--prompt", "hello", "--temperature", "-1"], "temperature must be >= 0"),
+]
+# Sampling settings without meaning (issue 17 item 5; the rest of that block is at the end of this file).
+GENERATE_CASES += [
+    ("run", ["--prompt", "hello", "--num_samples", "0"], "num_samples must be >= 1, got 0"),
+    ("run", ["--prompt", "hello", "--num_samples", "-1"], "num_samples must be >= 1, got -1"),
+    ("run", ["--prompt", "hello", "--temperature", "inf"], "temperature must be >= 0 and finite (0 = greedy), got inf"),
+    ("run", ["--prompt", "hello", "--temperature", "nan"], "temperature must be >= 0 and finite (0 = greedy), got nan"),
+    ("run", ["--prompt", "hello", "--top_p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+    ("run", ["--prompt", "hello", "--top_k", "0"], "top_k must be >= 1, got 0"),
 ]
 
 
@@ -240,3 +262,63 @@ def test_a_trainer_state_with_missing_keys_is_named_not_a_traceback(model_dirs, 
     torch.save({"step": newest}, run / "checkpoints" / f"step_{newest:07d}" / "trainer.pt")
     with pytest.raises(SSLensError, match=r"trainer.pt is not an sslens trainer state \(missing 'optimizer'\)"):
         load_trainer_state(run, newest)
+
+
+# ---- Impossible sizes: models that cannot fit in memory, probes on too few stories, vocabularies below the
+# alphabet (issue 17 item 5). Each case takes the paths below and must write nothing to `out`. ----
+
+@pytest.fixture
+def sized(tmp_path, model_dirs):
+    """A run, an HF directory whose config.json asks for a model of exabytes (no weights: none are read), and an
+    output path that a refused command must not create."""
+    import json
+
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    (huge / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 10**9, "intermediate_size": 2048, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 4096, "max_position_embeddings": 512}))
+    return {"run": model_dirs["run"], "huge": huge, "out": tmp_path / "out"}
+
+
+SIZE_CASES = [
+    (lambda p: ["model", "1.25M", "--d_model=10000000", "--export", str(p["out"])],
+     "(n_layers=4, d_model=10000000, d_mlp=341, d_vocab=4096, n_ctx=512) has 1,200,081,970,000,000 parameters"),
+    (lambda p: ["model", "1.25M", "--n_ctx=1000000", "--export", str(p["out"])], "GiB for its weights and one forward"),
+    (lambda p: ["generate", str(p["huge"]), "--prompt", "hello"], "huge (n_layers=2, d_model=1000000000"),
+    (lambda p: ["probe", str(p["run"]), "--label", "theme", "--max_stories", "2", "--out", str(p["out"])],
+     "max_stories must be at least 5, not 2"),
+    (lambda p: ["tokenizer", "train", "--data", "synth:300", "--vocab-size", "10", "--out", str(p["out"])],
+     "cannot hold these stories: [UNK], [EOS] and each character, alone and as a ##continuation, take 61; ask for "
+     "at least 61"),
+    (lambda p: ["train", "1.25M", *TINY, "--d_vocab=40", f"--out_dir={p['out']}"], "ask for at least 61 (d_vocab"),
+    (lambda p: ["train", "1.25M", *TINY, "--d_model=10000000", f"--out_dir={p['out']}"], "choose a smaller model"),
+]
+
+
+@pytest.mark.parametrize("case, words", SIZE_CASES, ids=["model d_model", "model n_ctx", "generate huge HF", "probe",
+                                                         "tokenizer", "train d_vocab", "train d_model"])
+def test_impossible_sizes_are_refused_in_one_line_writing_nothing(case, words, sized, capsys):
+    """The model cases are refused from the config, before a tensor is allocated: within seconds."""
+    start = time.perf_counter()
+    expect_refusal(capsys, case(sized), words)
+    assert time.perf_counter() - start < 10 and not sized["out"].exists()
+
+
+@pytest.mark.slow
+def test_the_console_command_agrees_on_the_size_cases(sized):
+    """SIZE_CASES again, each a real `python -m sslens` process, the memory refusals with a generous time limit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return done, time.perf_counter() - start
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, [case(sized) for case, _ in SIZE_CASES]))
+    for (case, words), (r, seconds) in zip(SIZE_CASES, results):
+        assert r.returncode == 2 and r.stderr.startswith("sslens: error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert words in r.stderr and "Traceback" not in r.stderr and seconds < 60, (r.stderr, seconds)
+    assert not sized["out"].exists()

@@ -64,7 +64,7 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_run_directory_and_loading(tmp_path):
     run = train(*tiny(tmp_path, "--max_steps=12"))
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "tokenizer.json", "metrics.jsonl", "checkpoints"}
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "tokenizer.json", "split.json", "metrics.jsonl", "checkpoints"}
     assert saved_steps(run) == [0, 1, 2, 4, 8, 12]
     assert all((run / "checkpoints" / f"step_{s:07d}" / f).is_file() for s in saved_steps(run)
                for f in ("model.safetensors", "trainer.pt"))
