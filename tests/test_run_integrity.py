@@ -87,7 +87,8 @@ def test_resume_refuses_another_split(tmp_path, story_file):
 
 def start(*args: str) -> subprocess.Popen:
     """`sslens train 1.25M TINY ARGS` as a real process."""
-    return subprocess.Popen([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--compile=False", *args],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -109,8 +110,8 @@ def holder(out) -> int | None:
 
 def refused_second(out, *args: str) -> str:
     """A second `sslens train` into `out`, which must be refused in one line; its stderr."""
-    r = subprocess.run([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, f"--out_dir={out}", *args],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--compile=False", f"--out_dir={out}",
+                        *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     return r.stderr
 
@@ -190,7 +191,7 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
     out = tmp_path / "ddp"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                              f"--master-port={free_port()}", "-m", "sslens", "train", "1.25M", *TINY, "--batch_size=2",
-                             "--max_steps=100000", f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             "--compile=False", "--max_steps=100000", f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for(lambda: 8 in saved_steps(out), proc)
     proc.send_signal(signal.SIGTERM)
