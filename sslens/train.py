@@ -424,7 +424,7 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
                 loss_sum += loss.detach()
             if pending is not None:  # the previous step, read while this one runs
                 settle(pending)
-            loss_sum, stop_flag = _mean_over_ranks(loss_sum, world, stop.flag(device))
+            loss_sum, stop_flag = _mean_over_ranks(loss_sum, world, stop)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             skip_if_not_finite(optimizer, loss_sum, grad_norm)
             optimizer.step()
@@ -456,12 +456,12 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _mean_over_ranks(value: Tensor, world: int, stop_flag: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The value's mean over ranks, and the sum of their stop flags (None alone: a lone process reads its own),
-    in one reduction."""
+def _mean_over_ranks(value: Tensor, world: int, stop: StopRequest) -> tuple[Tensor, Tensor | None]:
+    """The value's mean over ranks and, in the same reduction, how many ranks were asked to stop (None for a lone
+    process, which reads its own request)."""
     if world == 1:
         return value, None
-    both = torch.stack([value, stop_flag])
+    both = torch.stack([value, stop.flag(value.device)])
     dist.all_reduce(both, op=dist.ReduceOp.SUM)
     return both[0] / world, both[1]
 
