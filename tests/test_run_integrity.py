@@ -187,13 +187,15 @@ def test_a_second_interrupt_exits_at_once_and_corrupts_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
-    """SIGTERM to torchrun, which passes it to both ranks: both stop after the same step, rank 0 checkpoints it."""
+    """Rank 0 holds the run's lock (a second start is refused); SIGTERM to torchrun, which passes it to both ranks:
+    both stop after the same step, rank 0 checkpoints it."""
     out = tmp_path / "ddp"
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                              f"--master-port={free_port()}", "-m", "sslens", "train", "1.25M", *TINY, "--batch_size=2",
                              "--compile=False", "--max_steps=100000", f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wait_for(lambda: 8 in saved_steps(out), proc)
+    assert "is being written by another sslens process (PID" in refused_second(out, "--max_steps=3")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     lines = [l for l in err.splitlines() if "interrupted at step" in l]
