@@ -146,8 +146,22 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .train import train
 
     model_cfg, cfg = load_train_config(args.config, **parse_overrides(overrides))
+    start = time.perf_counter()
     run_dir = train(model_cfg, cfg)
-    print(f"finished {cfg.max_steps} steps; checkpoints in {run_dir / 'checkpoints'}")
+    print(run_summary(run_dir, cfg.max_steps, time.perf_counter() - start))
+
+
+def run_summary(run_dir, max_steps: int, seconds: float) -> str:
+    """The line a finished run ends with: steps, time, the last training and validation loss, the checkpoints."""
+    from .checkpoint import read_metrics
+    from .train import duration
+
+    records = read_metrics(run_dir / "metrics.jsonl")[0]
+    losses = ""
+    for key, name in (("loss", "train loss"), ("val_loss", "validation loss")):
+        last = next((r[key] for r in reversed(records) if key in r), None)
+        losses += f", final {name} {last:.4f}" if last is not None else ""
+    return f"finished {max_steps} steps in {duration(seconds)}{losses}; checkpoints in {run_dir / 'checkpoints'}"
 
 
 def train_keys_help() -> str:

@@ -137,6 +137,8 @@ class TrainConfig:
     val_samples: int = _help("stories of 48 tokens written from 'Once upon a time' at each validation, logged in "
                              "metrics.jsonl (and WandB) as 'samples'; 0: none", 2)
     log_every: int = _help("a metrics.jsonl line every this many steps", 10)
+    print_every: int = _help("when stderr is not a terminal (a log file, CI, a scheduler), a plain progress line "
+                             "every this many steps instead of the progress bar; 0: about 20 lines a run", 0)
     checkpoint_schedule: str = _help("log (0, powers of two to 1024, then every checkpoint_every), linear, or a "
                                      "list like 0,50,100", "log")
     checkpoint_every: int = _help("checkpoint spacing after 1024 (log) or throughout (linear)", 1000)
@@ -152,7 +154,8 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "val_every", "val_batches", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("total_batch_size", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed", "val_samples"):
+        for name in ("total_batch_size", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed", "val_samples",
+                     "print_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -372,6 +372,8 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None if main else True)
     lagged = device.type in LAGGED_DEVICES
     pending: PendingStep | None = None
+    print_every = cfg.print_every or max(1, cfg.max_steps // 20)  # the plain lines that stand in for a hidden bar
+    started, first_step = time.perf_counter(), step
 
     def validates(s: int) -> bool:
         return s % cfg.val_every == 0 or s == cfg.max_steps
@@ -407,6 +409,9 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
             checkpoint()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{p.lr:.2e}", tok_s=record["tok_s"], mfu=f"{record['mfu']:.1%}")
+        if main and bar.disable and (p.step % print_every == 0 or p.step == cfg.max_steps):
+            print(progress_line(record, cfg.max_steps, p.step - first_step, time.perf_counter() - started),
+                  file=sys.stderr, flush=True)
 
     with writing(metrics_path), open(metrics_path, "a") if main else open(os.devnull, "w") as log:
         while step < cfg.max_steps:
@@ -443,6 +448,19 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
     if wandb_run is not None:
         wandb_run.finish()
     return run_dir
+
+
+def progress_line(record: dict, max_steps: int, steps_done: int, seconds: float) -> str:
+    """One plain line for a log that no progress bar reaches: step, losses, speed, time so far and to go."""
+    eta = seconds / max(1, steps_done) * (max_steps - record["step"])
+    val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+    return (f"step {record['step']}/{max_steps} loss {record['loss']:.4f}{val} tok/s {record['tok_s']:,} "
+            f"elapsed {duration(seconds)} eta {duration(eta)}")
+
+
+def duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{secs:02d}s"
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

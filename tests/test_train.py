@@ -372,3 +372,20 @@ def test_too_little_disk_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(SSLensError, match=r"has 0.00 GiB free but 5 checkpoints of this model need about [\d.]+ GiB"):
         train(*tiny(tmp_path, "--max_steps=5"))
     assert saved_steps(tmp_path / "run") == []
+
+
+def test_a_run_without_a_terminal_prints_plain_progress_and_a_summary(tmp_path):
+    """stderr a pipe (a log file, CI, a scheduler): no bar, but a plain line every print_every steps and at the end,
+    and one summary line with the final losses that metrics.jsonl holds."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--max_steps=12", "--print_every=5",
+                        f"--out_dir={out}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.startswith("step ")]
+    assert [l.split()[1] for l in lines] == ["5/12", "10/12", "12/12"], r.stderr
+    assert all(re.fullmatch(r"step \d+/12 loss [\d.]+( val_loss [\d.]+)? tok/s [\d,]+ elapsed \d+m\d\ds eta \d+m\d\ds", l)
+               for l in lines), lines
+    last = metrics(out)[-1]
+    summary = (f"final train loss {last['loss']:.4f}, final validation loss {last['val_loss']:.4f}; "
+               f"checkpoints in {out / 'checkpoints'}")
+    assert re.fullmatch(rf"finished 12 steps in \d+m\d\ds, {re.escape(summary)}", r.stdout.splitlines()[-1]), r.stdout
