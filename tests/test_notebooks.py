@@ -26,4 +26,10 @@ def test_notebook_runs_top_to_bottom(path, tiny_run, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ANALYSES)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)  # its figures were drawn
+    figures = [o["data"]["application/vnd.plotly.v1+json"] for o in outputs
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert figures  # its figures were drawn
+    titles = [a.get("text", "") for f in figures for a in f.get("layout", {}).get("annotations", [])]
+    assert not [t for t in titles if t.startswith("facet_col=")], titles  # facets are named (L3H1, the score, ...)
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "IProgress not found" not in printed and "Traceback" not in printed
