@@ -110,8 +110,9 @@ def save_hf(model: HookedLlama, path: str | Path) -> None:
             atomic_replace(f, path / f.name)
 
 
-def load_hf(path: str | Path) -> HookedLlama:
-    """A HookedLlama from an HF Llama directory (config.json + safetensors or pytorch_model.bin)."""
+def load_hf(path: str | Path, name: str | None = None) -> HookedLlama:
+    """A HookedLlama from an HF Llama directory (config.json + safetensors or pytorch_model.bin), named `name`
+    (a hub snapshot's directory is only a commit hash) or else after the directory."""
     path = Path(path)
     try:
         hf = LlamaConfig.from_pretrained(path)
@@ -119,7 +120,7 @@ def load_hf(path: str | Path) -> HookedLlama:
         raise SSLensError(f"{path}/config.json is not a readable Llama config: {str(e).splitlines()[0]}") from None
     if hf.model_type != "llama":
         raise SSLensError(f"{path} holds a {hf.model_type!r} model; only Llama is supported")
-    model = HookedLlama(config_from_hf(hf, path.name))
+    model = HookedLlama(config_from_hf(hf, name or path.name))
     state = _read_weights(path)
     lm_head = state.pop("lm_head.weight", None)
     if lm_head is not None and not torch.equal(lm_head, state.get("model.embed_tokens.weight", lm_head)):
@@ -147,18 +148,29 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_or_hub(name_or_path: str | Path) -> HookedLlama:
     """A HookedLlama from a local HF-format directory, or from the hub by name (e.g.
-    "SimpleStories/SimpleStories-5M") when online."""
+    "SimpleStories/SimpleStories-5M"): downloaded when online, read from the hub cache when offline."""
     path = Path(name_or_path)
-    if not path.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):  # not a hub name either
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SSLensError(f"{path} is not a model directory (no config.json)")
+        return load_hf(path)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):  # not a hub name either
         raise SSLensError(f"model directory {name_or_path} not found")
-    if not path.exists():
-        from huggingface_hub import snapshot_download
+    return load_hf(_hub_snapshot(str(name_or_path)), name=str(name_or_path))
 
-        try:
-            path = Path(snapshot_download(str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.bin"]))
-        except Exception as e:
-            raise SSLensError(f"{name_or_path} is not a local directory and the hub could not provide it "
-                              f"({type(e).__name__}); pass a local model directory") from None
-    if not (path / "config.json").is_file():
-        raise SSLensError(f"{path} is not a model directory (no config.json)")
-    return load_hf(path)
+
+def _hub_snapshot(repo: str) -> Path:
+    """The local snapshot of a hub model. huggingface_hub serves it from its cache when HF_HUB_OFFLINE is set
+    or the hub is unreachable, so the error says which of the two stopped it and where the cache is."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except Exception as e:
+        if constants.HF_HUB_OFFLINE:
+            why, advice = "HF_HUB_OFFLINE=1 forbids downloading", "unset HF_HUB_OFFLINE to fetch it once"
+        else:
+            detail = str(e).splitlines()[0] if str(e) else "no detail"
+            why, advice = f"{type(e).__name__}: {detail}", "check the name and the network"
+        raise SSLensError(f"{repo} is not in the hub cache {constants.HF_HUB_CACHE} and the hub could not provide it "
+                          f"({why}); {advice}, or pass a local model directory") from None
