@@ -9,6 +9,7 @@ per (model, checkpoint, prompt, settings), so moving the slider back is instant.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import os
 import sys
@@ -23,7 +24,10 @@ from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_se
 from sslens.lens import EXPLORE_NEW_TOKENS, explore
 
 
-PLOT_CONFIG = {"displayModeBar": False}
+PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
+CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
+WINDOW = 32  # positions the attention and lens maps show at first: wide enough to read each token's label
+SIDEBAR_CSS = "<style>section[data-testid='stSidebar'] [data-testid='stSliderTickBar'] {display: none}</style>"
 
 
 def runs_root() -> Path:
@@ -50,7 +54,34 @@ def spaced(token: str) -> tuple[str, str]:
     return ("", token[2:]) if token.startswith("##") else (" ", token)
 
 
-def generation_panel(result: dict) -> None:
+def settings_key(*settings) -> str:
+    """A widget key naming the result it describes: a widget keyed by it starts afresh (label and all) when the
+    result changes, where one keyed by its name alone would keep the label the browser last showed."""
+    return hashlib.sha1(repr(settings).encode()).hexdigest()[:16]
+
+
+def position_labels(result: dict) -> list[str]:
+    """Every position as "index:token"; the model's own tokens (after the prompt) are marked with a "*"."""
+    return [f"{i}:{t}" + ("*" if i >= result["n_prompt"] else "") for i, t in enumerate(result["tokens"])]
+
+
+def position_window(n: int) -> slice:
+    """The positions the attention and lens maps show: all of a short text; of a longer one a range the reader
+    picks, at first the last WINDOW (the slider is keyed by `n`, so a new length starts from that default)."""
+    if n <= WINDOW:
+        return slice(0, n)
+    first, last = st.slider("Positions shown in the attention and logit-lens maps", 0, n - 1, (n - WINDOW, n - 1),
+                            key=f"window:{n}")
+    return slice(first, last + 1)
+
+
+def cell_text(shown: slice) -> str:
+    """The lens maps' text template: the text in each cell while cells are wide enough to read it, else only on
+    hover (plotly would shrink it to dashes)."""
+    return "%{text}" if shown.stop - shown.start <= WINDOW else ""
+
+
+def generation_panel(result: dict, key: str) -> None:
     st.subheader("Generation")
     spans = [f"{spaced(t)[0]}<span title='p={p:.3f}' style='background: rgba(46, 139, 87, {p:.2f})'>"
              f"{html.escape(spaced(t)[1])}</span>" for t, p in zip(result["new_tokens"], result["new_probs"])]
@@ -58,54 +89,68 @@ def generation_panel(result: dict) -> None:
     st.markdown(f"**{prompt}**" + "".join(spans), unsafe_allow_html=True)
     st.caption("Each new token is shaded by the probability the model gave it (darker = more likely).")
     if result["new_tokens"]:
-        choice = st.selectbox("Token", range(len(result["new_tokens"])), key="token",
+        choice = st.selectbox("Token", range(len(result["new_tokens"])), key=f"token:{key}",
                               format_func=lambda i: f"{i + 1}: {result['new_tokens'][i]} (p={result['new_probs'][i]:.3f})")
-        st.dataframe([{"token": t, "probability": round(p, 4)} for t, p in result["alternatives"][choice]],
-                     hide_index=True, width="stretch")
+        st.table([{"token": t, "probability": round(p, 4)} for t, p in result["alternatives"][choice]],
+                 hide_index=True)  # plain HTML (a dataframe is a canvas), so a browser test can read it
 
 
-def attention_panel(result: dict) -> None:
+def attention_panel(result: dict, shown: slice) -> None:
     st.subheader("Attention")
-    pattern = result["pattern"]
-    labels = [f"{i}:{t}" for i, t in enumerate(result["prompt_tokens"])]
+    pattern = result["pattern"][:, :, shown, shown]
+    labels = position_labels(result)[shown]
     layer = st.selectbox("Layer", range(pattern.shape[0]), key="layer")
     head = st.selectbox("Head", range(pattern.shape[1]), key="head")
-    fig = go.Figure(go.Heatmap(z=pattern[layer, head], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1))
-    fig.update_layout(title=f"L{layer}H{head}", yaxis_autorange="reversed", height=420, margin=dict(t=40, b=0))
+    fig = go.Figure(go.Heatmap(z=pattern[layer, head], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                               hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"L{layer}H{head}", yaxis_autorange="reversed", height=480, margin=dict(t=40, b=0),
+                      xaxis_title="key (the position attended to)", yaxis_title="query (the position attending)")
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="pattern")
     n_heads = pattern.shape[1]
     grid = make_subplots(rows=1, cols=n_heads, subplot_titles=[f"H{h}" for h in range(n_heads)])
     for h in range(n_heads):
-        grid.add_trace(go.Heatmap(z=pattern[layer, h], colorscale="Blues", zmin=0, zmax=1, showscale=False), 1, h + 1)
+        grid.add_trace(go.Heatmap(z=pattern[layer, h], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                                  showscale=False, hovertemplate="query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"),
+                       1, h + 1)
     grid.update_yaxes(autorange="reversed", showticklabels=False)
-    grid.update_xaxes(showticklabels=False)
-    grid.update_layout(height=220, margin=dict(t=30, b=0))
+    grid.update_xaxes(showticklabels=False, title_text="key")
+    grid.update_yaxes(title_text="query", col=1)
+    grid.update_layout(title=f"every head of layer {layer} (tokens {labels[0]} .. {labels[-1]})", height=260,
+                       margin=dict(t=60, b=0))
     st.plotly_chart(grid, width="stretch", config=PLOT_CONFIG, key="grid")
     summary = st.selectbox("Head scores", list(result["heads"]), key="summary")
     scores = result["heads"][summary]
     fig = go.Figure(go.Heatmap(z=scores, x=[f"H{h}" for h in range(scores.shape[1])],
                                y=[f"L{l}" for l in range(scores.shape[0])], colorscale="Viridis"))
-    fig.update_layout(yaxis_autorange="reversed", height=260, margin=dict(t=10, b=0))
+    fig.update_layout(yaxis_autorange="reversed", height=260, margin=dict(t=10, b=0), xaxis_title="head",
+                      yaxis_title="layer")
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="summary_plot")
 
 
-def logit_lens_panel(result: dict) -> None:
+def logit_lens_panel(result: dict, shown: slice) -> None:
+    """Full width, so that the WINDOW positions shown at first each have room for their top token as text."""
     st.subheader("Logit lens")
-    positions = [f"{i}:{t}" for i, t in enumerate(result["prompt_tokens"])]
-    top = result["lens_top_tokens"]
-    hover = [[", ".join(f"{t} {p:.2f}" for t, p in zip(top[l][i], result["lens_top_probs"][l][i]))
-              for i in range(len(positions))] for l in range(len(top))]
-    fig = go.Figure(go.Heatmap(z=result["lens_top_probs"][:, :, 0], x=positions, y=result["lens_labels"],
-                               text=[[row[i][0] for i in range(len(positions))] for row in top], texttemplate="%{text}",
+    positions = position_labels(result)
+    top = [row[shown] for row in result["lens_top_tokens"]]
+    hover = [[", ".join(f"{t} {p:.2f}" for t, p in zip(ks, ps)) for ks, ps in zip(row, probs)]
+             for row, probs in zip(top, result["lens_top_probs"][:, shown])]
+    fig = go.Figure(go.Heatmap(z=result["lens_top_probs"][:, shown, 0], x=positions[shown], y=result["lens_labels"],
+                               text=[[ks[0] for ks in row] for row in top], texttemplate=cell_text(shown),
+                               textfont_size=CELL_FONT,
                                customdata=hover, hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
                                colorscale="Oranges", zmin=0, zmax=1))
-    fig.update_layout(title="top-1 probability (text: top-1 token)", height=380, margin=dict(t=40, b=0))
+    fig.update_layout(title="top-1 probability (text: top-1 token)", height=380, margin=dict(t=40, b=0),
+                      xaxis_title="position (* = generated by the model)", yaxis_title="residual stream read")
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="lens")
-    if len(positions) > 1:
-        fig = go.Figure(go.Heatmap(z=result["lens_target_probs"], x=positions[1:], y=result["lens_labels"],
-                                   text=result["lens_target_ranks"], texttemplate="%{text}", colorscale="Greens",
-                                   zmin=0, zmax=1, hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>"))
-        fig.update_layout(title="the actual next token: probability (text: rank)", height=380, margin=dict(t=40, b=0))
+    targets = slice(shown.start, min(shown.stop, len(positions) - 1))  # the last position has no next token
+    if targets.stop > targets.start:
+        fig = go.Figure(go.Heatmap(z=result["lens_target_probs"][:, targets], x=positions[1:][targets],
+                                   y=result["lens_labels"], text=result["lens_target_ranks"][:, targets],
+                                   texttemplate=cell_text(targets), textfont_size=CELL_FONT, colorscale="Greens",
+                                   zmin=0, zmax=1,
+                                   hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>"))
+        fig.update_layout(title="the actual next token: probability (text: rank)", height=380, margin=dict(t=40, b=0),
+                          xaxis_title="the next token (* = generated by the model)", yaxis_title="residual stream read")
         st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
 
 
@@ -132,6 +177,7 @@ def main() -> None:
     root = runs_root()
     st.sidebar.title("sslens explorer")
     st.sidebar.caption(f"runs root: {root}")
+    st.sidebar.markdown(SIDEBAR_CSS, unsafe_allow_html=True)  # the checkpoint slider's end labels overlapped the Prompt
     names = find_models(root) if root.is_dir() else []
     if not names:
         st.info(f"No runs under {root}. Train one (`sslens train 5M --data=synth ...`) or point the explorer at a "
@@ -147,6 +193,7 @@ def main() -> None:
     if len(steps) > 1:
         step = st.sidebar.select_slider("Checkpoint", options=steps, value=steps[-1], key="step",
                                         format_func=lambda s: step_label(s, seen))
+        st.sidebar.caption(f"from {step_label(steps[0], seen)} to {step_label(steps[-1], seen)}")
     elif steps:
         step = steps[0]
     prompt = st.sidebar.text_area("Prompt", "Once upon a time, there was a little", key="prompt")
@@ -165,18 +212,19 @@ def main() -> None:
     if not prompt.strip():
         st.info("Type a prompt in the sidebar.")
         return
+    settings = (str(path), step, prompt, max_new_tokens, temperature, int(top_k), top_p, int(seed))
     try:
-        result = analyse(str(path), step, prompt, max_new_tokens, temperature, int(top_k), top_p, int(seed))
+        result = analyse(*settings)
     except (SSLensError, OSError) as e:
         st.error(str(e))
         return
-    left, middle, right = st.columns(3)
+    shown = position_window(len(result["tokens"]))
+    left, right = st.columns(2)
     with left:
-        generation_panel(result)
-    with middle:
-        attention_panel(result)
+        generation_panel(result, settings_key(*settings))
     with right:
-        logit_lens_panel(result)
+        attention_panel(result, shown)
+    logit_lens_panel(result, shown)
 
 
 main()

@@ -115,8 +115,12 @@ class TokenProbabilities:
 
 
 @torch.inference_mode()
-def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int = 10) -> TokenProbabilities:
-    probs = model(tokens[None])[0, :-1].float().softmax(-1)
+def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int = 10,
+                        logits: Float[Tensor, "pos d_vocab"] | None = None) -> TokenProbabilities:
+    """`logits`: the model's output on `tokens` where a forward already made them (saves running it again)."""
+    if logits is None:
+        logits = model(tokens[None])[0]
+    probs = logits[:-1].float().softmax(-1)
     top_probs, top_tokens = probs.topk(k, dim=-1)
     return TokenProbabilities(probs.gather(-1, tokens[1:, None].to(probs.device))[:, 0], top_tokens, top_probs)
 
@@ -127,18 +131,21 @@ EXPLORE_NEW_TOKENS = 20  # the explorer's default continuation: long enough to r
 @torch.inference_mode()
 def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_TOKENS, **sampling) -> dict:
     """One prompt as the explorer shows it, as plain data: the continuation with each new token's probability
-    and top-10 alternatives; every layer's attention pattern and head scores; the logit lens. Token strings are
-    the tokenizer's (word pieces keep their "##")."""
+    and top-10 alternatives; every layer's attention pattern and head scores and the logit lens, over prompt +
+    continuation (one forward, so the model's own tokens can be examined; `n_prompt` marks where they start).
+    Token strings are the tokenizer's (word pieces keep their "##")."""
     ids = prompt_ids(model, prompt)
     tok = model.tokenizer
     sample = model.generate([ids], max_new_tokens, **sampling)[0]
-    tokens = torch.tensor(ids, device=model.W_E.device)
-    _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern")))
+    tokens = torch.tensor(ids + sample.tokens, device=model.W_E.device)
+    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern")))
     lens = logit_lens(model, tokens, k=5, cache=cache)
-    probs = token_probabilities(model, torch.tensor(ids + sample.tokens, device=tokens.device), k=10)
+    probs = token_probabilities(model, tokens, k=10, logits=logits[0])
     new = slice(len(ids) - 1, None)
     decode = tok.id_to_token
     return {
+        "n_prompt": len(ids),
+        "tokens": [decode(t) for t in tokens.tolist()],
         "prompt_tokens": [decode(t) for t in ids],
         "new_tokens": [decode(t) for t in sample.tokens],
         "text": sample.text,

@@ -38,6 +38,16 @@ def z_of(trace: dict) -> np.ndarray:
     return np.asarray(z, dtype=float)
 
 
+def generation_html(at: AppTest) -> str:
+    return next(m.value for m in at.markdown if "<span title='p=" in m.value)
+
+
+def charts(at: AppTest) -> dict[str, dict]:
+    """Each plotly chart's figure and config, by the chart's key."""
+    return {el.proto.id.rpartition("-")[2]: {**json.loads(el.proto.spec), "config": json.loads(el.proto.config)}
+            for el in at.get("plotly_chart")}
+
+
 def test_finding_and_resolving_models(tiny_run, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(tiny_run, root / "group" / "tiny")
@@ -68,21 +78,87 @@ def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monk
     model = load_model(tiny_run, step=64)
     ids = model.tokenizer.encode("the little dog ran to the tree and", add_special_tokens=False).ids
     sample = model.generate([ids], EXPLORE_NEW_TOKENS, temperature=0, top_k=40, seed=0)[0]
-    _, cache = model.run_with_cache(torch.tensor([ids]))
+    _, cache = model.run_with_cache(torch.tensor([ids + sample.tokens]))  # the maps cover prompt + continuation
     charts = [json.loads(el.proto.spec)["data"] for el in at.get("plotly_chart")]
     pattern, grid, summary, lens, target = charts
     np.testing.assert_allclose(z_of(pattern[0]), cache["blocks.1.attn.hook_pattern"][0, 2].numpy(), atol=1e-6)
     assert len(grid) == model.cfg.n_heads
-    expected_lens = logit_lens(model, torch.tensor(ids))
+    expected_lens = logit_lens(model, torch.tensor(ids + sample.tokens))
     np.testing.assert_allclose(z_of(lens[0]), expected_lens.top_probs[:, :, 0].numpy(), atol=1e-6)
     np.testing.assert_allclose(z_of(target[0]), expected_lens.target_probs.numpy(), atol=1e-6)
     probs = token_probabilities(model, torch.tensor(ids + sample.tokens), k=10)
-    spans = re.findall(r"<span title='p=([\d.]+)'[^>]*>(.*?)</span>", at.markdown[0].value)
+    spans = re.findall(r"<span title='p=([\d.]+)'[^>]*>(.*?)</span>", generation_html(at))
     assert [text for _, text in spans] == [html.escape(model.tokenizer.id_to_token(t).removeprefix("##"))
                                           for t in sample.tokens]
     assert [float(p) for p, _ in spans] == pytest.approx(probs.probs[len(ids) - 1:].tolist(), abs=1e-3)
-    table = at.dataframe[0].value
+    table = at.table[0].value
     assert table["token"].tolist() == [model.tokenizer.id_to_token(t) for t in probs.top_tokens[len(ids) - 1].tolist()]
+
+
+def shown_token_label(at: AppTest, browser: dict[str, str]) -> str:
+    """The label a browser shows in the Token picker: one it has already drawn keeps the label it last showed
+    unless the server sends a value (set_value); one new to it (a new widget id) shows the default option."""
+    box = next(s for s in at.selectbox if s.label == "Token").proto
+    if box.set_value:
+        browser[box.id] = box.raw_value
+    return browser.setdefault(box.id, box.options[box.default])
+
+
+def assert_label_matches_table(label: str, at: AppTest) -> None:
+    """Greedy decoding: the picked token is its table's top row, at the probability the label gives."""
+    token, p = re.fullmatch(r"\d+: (.*) \(p=([\d.]+)\)", label).groups()
+    top = at.table[0].value.iloc[0]
+    assert (top["token"], float(p)) == (token, pytest.approx(float(top["probability"]), abs=6e-4)), label
+
+
+def test_the_token_label_agrees_with_its_table_after_changing_prompt_and_checkpoint(tiny_run, monkeypatch):
+    at = start(tiny_run.parent, monkeypatch)
+    browser: dict[str, str] = {}
+    shown_token_label(at, browser)
+    box = next(s for s in at.selectbox if s.label == "Token")
+    browser[box.proto.id] = box.options[1]  # the reader picks the second new token
+    box.select_index(1).run()
+    assert_label_matches_table(shown_token_label(at, browser), at)
+    at.text_area(key="prompt").input("the little dog ran to the tree and").run()
+    assert_label_matches_table(shown_token_label(at, browser), at)
+    at.select_slider(key="step").set_value(64).run()
+    assert not at.exception and not at.error
+    assert_label_matches_table(shown_token_label(at, browser), at)
+
+
+def test_the_maps_cover_the_continuation_with_titled_axes_and_a_toolbar(tiny_run, monkeypatch):
+    at = start(tiny_run.parent, monkeypatch)
+    model = load_model(tiny_run)
+    ids = model.tokenizer.encode(at.text_area(key="prompt").value, add_special_tokens=False).ids
+    new = model.generate([ids], EXPLORE_NEW_TOKENS, temperature=0, top_k=40, seed=0)[0].tokens
+    labels = [f"{i}:{model.tokenizer.id_to_token(t)}" + ("*" if i >= len(ids) else "")
+              for i, t in enumerate(ids + new)]
+    figs = charts(at)
+    assert new and figs["pattern"]["data"][0]["x"] == labels == figs["pattern"]["data"][0]["y"]
+    assert all(trace["x"] == labels for trace in figs["grid"]["data"])
+    assert figs["lens"]["data"][0]["x"] == labels and figs["target"]["data"][0]["x"] == labels[1:]
+    titles = {name: (fig["layout"]["xaxis"]["title"]["text"], fig["layout"]["yaxis"]["title"]["text"])
+              for name, fig in figs.items()}
+    assert titles["pattern"][0].startswith("key") and titles["pattern"][1].startswith("query")
+    assert titles["grid"] == ("key", "query") and "layer 0" in figs["grid"]["layout"]["title"]["text"]
+    assert titles["summary_plot"] == ("head", "layer") and "generated" in titles["lens"][0]
+    assert all(fig["config"]["displayModeBar"] is True for fig in figs.values())
+
+
+def test_a_long_text_is_shown_through_a_position_window(tiny_run, monkeypatch):
+    at = start(tiny_run.parent, monkeypatch)
+    at.text_area(key="prompt").input("the " * 100).run()
+    at.slider(key="max_new_tokens").set_value(200).run()  # generation stops at the run's n_ctx (128)
+    window = next(s for s in at.slider if s.label.startswith("Positions shown"))
+    first, last = window.value
+    assert last == 127 and last - first + 1 == 32  # the whole context, its last 32 positions shown
+    figs = charts(at)
+    assert figs["lens"]["data"][0]["x"][0].startswith(f"{first}:") and len(figs["lens"]["data"][0]["x"]) == 32
+    assert figs["lens"]["data"][0]["texttemplate"] == "%{text}" and z_of(figs["pattern"]["data"][0]).shape == (32, 32)
+    window.set_value((0, 127)).run()
+    figs = charts(at)
+    assert len(figs["lens"]["data"][0]["x"]) == 128 and z_of(figs["pattern"]["data"][0]).shape == (128, 128)
+    assert not figs["lens"]["data"][0].get("texttemplate") and figs["lens"]["data"][0]["customdata"]  # hover only
 
 
 def test_an_hf_model_directory_is_explored_without_a_slider(tiny_run, tmp_path, monkeypatch):
@@ -124,12 +200,16 @@ def test_bad_input_gives_a_message_not_a_traceback(case, message, tiny_run, tmp_
 @pytest.mark.slow
 def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
     """`streamlit run` on a free local port, loaded in headless Chromium (Debian's chromium + chromium-driver,
-    driven by Selenium) until the three panels have drawn; the screenshot is kept as a test artifact."""
+    driven by Selenium) until the three panels have drawn; the screenshots are kept as test artifacts. Then a
+    prompt that fills the run's whole context (n_ctx 128, the longest text it allows: 108 prompt tokens + 20 new)
+    must still draw readably, through the position window, and the Token picker's label must agree with its table
+    (a browser keeps a widget's label by its id, which AppTest cannot show in full)."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
         pytest.skip("no browser: install Debian's chromium and chromium-driver (.ci/run does when it can use apt-get)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = free_port()
@@ -157,10 +237,40 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
         assert {"Generation", "Attention", "Logit lens"} <= set(text.splitlines())
         assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]') and "Traceback" not in text
         assert (artifacts / "explorer.png").stat().st_size > 10_000
+        sidebar_ticks = browser.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebar'] [data-testid='stSliderTickBar']")
+        assert sidebar_ticks and not any(t.is_displayed() for t in sidebar_ticks)  # they overlapped the Prompt label
+        assert "from step 0 (0 tokens) to step 300" in text
+        assert_browser_label_matches_table(browser, By)
+        prompt = browser.find_element(By.CSS_SELECTOR, "[data-testid='stTextArea'] textarea")
+        prompt.send_keys(Keys.CONTROL, "a")
+        prompt.send_keys("the " * 108)
+        prompt.send_keys(Keys.CONTROL, Keys.ENTER)
+        WebDriverWait(browser, 180).until(lambda b: "Positions shown" in b.find_element(By.TAG_NAME, "body").text
+                                          and len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5)
+        WebDriverWait(browser, 60).until(
+            lambda b: not b.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget'] button"))
+        time.sleep(2)
+        browser.save_screenshot(str(artifacts / "explorer-128-tokens.png"))
+        assert_browser_label_matches_table(browser, By)
+        lens = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[3]
+        ticks = [t.text for t in lens.find_elements(By.CSS_SELECTOR, ".xtick text")]
+        assert 0 < len(ticks) <= 32 and ticks[-1].endswith("*") and int(ticks[0].partition(":")[0]) > 90  # the end
+        cells = [t for t in lens.find_elements(By.CSS_SELECTOR, ".heatmaplayer text") if t.text]
+        assert cells and min(float(c.value_of_css_property("font-size").removesuffix("px")) for c in cells) >= 8
+        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
     finally:
         browser.quit()
         server.terminate()
         server.wait(timeout=30)
+
+
+def assert_browser_label_matches_table(browser, By) -> None:
+    """The Token picker as drawn: its label "i: token (p=...)" against its table's top row (greedy decoding)."""
+    label = browser.find_element(By.CSS_SELECTOR, "[data-testid='stSelectbox'] input[aria-label='Token']")
+    token, p = re.fullmatch(r"\d+: (.*) \(p=([\d.]+)\)", label.get_attribute("value")).groups()
+    row = browser.find_element(By.CSS_SELECTOR, "[data-testid='stTable'] tbody tr")
+    top_token, top_p = [c.text for c in row.find_elements(By.CSS_SELECTOR, "td")][-2:]
+    assert (top_token, float(p)) == (token, pytest.approx(float(top_p), abs=6e-4)), (label.get_attribute("value"), row.text)
 
 
 # The explorer stays inside its runs root, and a file it cannot read is a message on the page (issue 17).
