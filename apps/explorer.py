@@ -1,6 +1,10 @@
 """The sslens explorer: one prompt seen through generation, attention and the logit lens, across checkpoints.
 
-    streamlit run apps/explorer.py [-- --runs DIR]      (or SSLENS_RUNS=DIR; default ./runs)
+    streamlit run apps/explorer.py [-- --runs DIR] [--hub NAME,...]    (or SSLENS_RUNS=DIR, SSLENS_HUB=NAME,...)
+
+The run picker lists the models under the runs root (default ./runs) and the hub models named at start (e.g.
+SimpleStories/SimpleStories-5M, loaded from the Hugging Face cache, or downloaded when online). Hub names come only
+from whoever starts the server, never from the page, so a visitor cannot make it download anything.
 
 All model work goes through the sslens API (load_model, generate, run_with_cache, sslens.lens); results are cached
 per (model, checkpoint, prompt, settings), so moving the slider back is instant.
@@ -30,10 +34,16 @@ WINDOW = 32  # positions the attention and lens maps show at first: wide enough 
 SIDEBAR_CSS = "<style>section[data-testid='stSidebar'] [data-testid='stSliderTickBar'] {display: none}</style>"
 
 
-def runs_root() -> Path:
+HUB = "hub:"  # a picker entry naming a hub model rather than a directory under the runs root
+
+
+def sources() -> tuple[Path, list[str]]:
+    """The runs root and the hub model names the server was started with."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default=os.environ.get("SSLENS_RUNS", "runs"))
-    return Path(parser.parse_known_args(sys.argv[1:])[0].runs)
+    parser.add_argument("--hub", default=os.environ.get("SSLENS_HUB", ""))
+    args = parser.parse_known_args(sys.argv[1:])[0]
+    return Path(args.runs), [name.strip() for name in args.hub.split(",") if name.strip()]
 
 
 @st.cache_resource(max_entries=8, show_spinner=False)
@@ -154,9 +164,12 @@ def logit_lens_panel(result: dict, shown: slice) -> None:
         st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
 
 
-def open_model(root: Path, name: str) -> tuple[Path, list[int], dict[int, int]]:
-    """The model directory `name` under the runs root, its saved steps (none for an HF directory) and the tokens
-    seen at each. resolve_model has refused it first if anything loading it would open leads outside the root."""
+def open_model(root: Path, name: str) -> tuple[Path | str, list[int], dict[int, int]]:
+    """The model directory `name` under the runs root (or a hub name), its saved steps (none for an HF directory)
+    and the tokens seen at each. resolve_model has refused it first if anything loading it would open leads outside
+    the root."""
+    if name.startswith(HUB):
+        return name.removeprefix(HUB), [], {}
     path = resolve_model(root, name)
     if not (path / "config.yaml").is_file():
         return path, [], {}
@@ -174,16 +187,18 @@ def step_label(step: int, seen: dict[int, int]) -> str:
 
 def main() -> None:
     st.set_page_config(page_title="sslens explorer", layout="wide")
-    root = runs_root()
+    root, hub = sources()
     st.sidebar.title("sslens explorer")
     st.sidebar.caption(f"runs root: {root}")
     st.sidebar.markdown(SIDEBAR_CSS, unsafe_allow_html=True)  # the checkpoint slider's end labels overlapped the Prompt
-    names = find_models(root) if root.is_dir() else []
+    names = (find_models(root) if root.is_dir() else []) + [HUB + h for h in hub]
     if not names:
         st.info(f"No runs under {root}. Train one (`sslens train 5M --data=synth ...`) or point the explorer at a "
-                "directory of runs: `streamlit run apps/explorer.py -- --runs DIR` or SSLENS_RUNS=DIR.")
+                "directory of runs: `streamlit run apps/explorer.py -- --runs DIR` or SSLENS_RUNS=DIR; add published "
+                "models with `-- --hub SimpleStories/SimpleStories-5M` or SSLENS_HUB.")
         return
-    name = st.sidebar.selectbox("Run", names, key="run")
+    name = st.sidebar.selectbox("Run", names, key="run",
+                                format_func=lambda n: f"{n.removeprefix(HUB)} (hub)" if n.startswith(HUB) else n)
     try:
         path, steps, seen = open_model(root, name)
     except (SSLensError, OSError) as e:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -52,6 +53,21 @@ def saved_steps(run_dir: str | Path) -> list[int]:
     if not root.is_dir():
         return []
     return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir())
+
+
+def requested_steps(path: str | Path, steps: Sequence[int] | str | None, purpose: str) -> list[int | None]:
+    """`steps` checked against what `path` holds: "all" (every saved step of a run), a list of steps, or None (the
+    newest checkpoint, or the one model of a checkpoint or HF directory). `purpose` ("probe") names the refusal."""
+    if steps is None:
+        return [None]
+    saved = saved_steps(path)
+    if steps == "all":
+        if not saved:
+            raise SSLensError(f"{path} is not a run directory with checkpoints, so --steps all has nothing to {purpose}")
+        return list(saved)
+    if missing := [s for s in steps if s not in saved]:
+        raise SSLensError(f"{path} has no checkpoint at step {missing[0]}; saved steps: {saved or 'none'}")
+    return list(steps)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state: dict) -> Path:

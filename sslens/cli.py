@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .config import DEFAULT_PROBE_HOOKS, parse_overrides, preset_names
+from .config import CARD_PROBE_STORIES, DEFAULT_PROBE_HOOKS, parse_overrides, preset_names
 from .errors import SSLensError
 
 
@@ -101,13 +101,7 @@ def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> None:
     data = args.data or training_data(args.model)
     if data is None:
         raise SSLensError(f"{args.model} is not a run directory; name the labelled stories with --data")
-    if args.steps == "all":
-        steps = "all"
-    else:
-        try:
-            steps = [int(s) for s in args.steps.split(",")] if args.steps else None
-        except ValueError:
-            raise SSLensError(f"--steps takes 'all' or step numbers like 0,64,1024, not {args.steps!r}") from None
+    steps = _steps(args.steps)
     stories, labels = load_labelled(data, args.label, args.split, args.max_stories, args.seed)
     hooks = [h for h in args.hooks.split(",") if h]
     results = probe_steps(args.model, steps, stories, labels, hooks, args.pool, args.seed, args.batch_size, progress=True)
@@ -116,6 +110,42 @@ def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> None:
                                          "label": args.label, "pool": args.pool, "stories": len(stories), "seed": args.seed})
     print(format_results(results))
     print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def _steps(text: str | None) -> list[int] | str | None:
+    if text in (None, "all"):
+        return text
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise SSLensError(f"--steps takes 'all' or step numbers like 0,64,1024, not {text!r}") from None
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    from pathlib import Path
+
+    from .fileio import atomic_write_text
+    from .runcard import cards_figure, cards_table, evaluate, evaluate_steps
+
+    _no_extra(overrides)
+    if args.step is not None and args.steps:
+        raise SSLensError("give --step N or --steps, not both")
+    steps = _steps(args.steps)
+    cards = (evaluate_steps(args.model, steps, args.data, args.probe_stories, progress=True) if steps
+             else [evaluate(args.model, args.step, args.data, args.probe_stories)])
+    print(cards_table(cards) if steps else cards[0].markdown())
+    if args.json:
+        _write_json(args.json, [c.to_dict() for c in cards] if steps else cards[0].to_dict())
+    if steps:
+        plot = Path(args.plot or Path("evals") / f"{Path(args.model).resolve().name}.html")
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plot, cards_figure(cards, f"run card against step, {args.model}").to_html(include_plotlyjs=True))
+        print(f"wrote {plot}")
+    if args.export:
+        from .checkpoint import load_model
+
+        load_model(args.model, cards[-1].step if steps else args.step).save_hf(args.export, card=cards[-1].markdown())
+        print(f"wrote an HF LlamaForCausalLM directory with this card as its README.md to {args.export}")
 
 
 def interactive(model, settings: dict, generator) -> None:
@@ -250,6 +280,21 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="story sample, splits and control labels")
     pr.add_argument("--out", metavar="DIR", help="output directory (default: probes/MODEL-LABEL-POOL)")
     pr.set_defaults(run=cmd_probe)
+    ev = sub.add_parser("eval", help="the run card: validation loss, induction, name copying, theme probe, greedy text",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="What to check first about a model, on held-out stories: a run's own validation "
+                                    "stories, otherwise the test split of --data. Name copying needs the embedded "
+                                    "corpus (synth); the theme probe a theme column.")
+    ev.add_argument("model", help="a run directory, a checkpoint directory, an HF Llama directory or a hub name")
+    ev.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    ev.add_argument("--steps", help="'all' (every checkpoint of a run) or steps like 0,64,1024: a table and a figure")
+    ev.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
+    ev.add_argument("--probe_stories", type=int, default=CARD_PROBE_STORIES,
+                    help="stories for name copying and the theme probe (the embedded corpus adds fresh ones)")
+    ev.add_argument("--json", metavar="FILE", help="also write the card(s) as JSON")
+    ev.add_argument("--plot", metavar="FILE.html", help="with --steps: the figure (default: evals/MODEL.html)")
+    ev.add_argument("--export", metavar="DIR", help="write the checkpoint as an HF directory whose README.md is this card")
+    ev.set_defaults(run=cmd_eval)
     b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
                                      "data: the embedded corpus and token pipeline")
     b.add_argument("--suite", choices=["model", "train", "data"], default="model",

@@ -84,8 +84,9 @@ def config_from_hf(hf: LlamaConfig, name: str) -> ModelConfig:
     )
 
 
-def save_hf(model: HookedLlama, path: str | Path) -> None:
-    """Write config.json, model.safetensors and (if a tokenizer is attached) tokenizer files into `path`.
+def save_hf(model: HookedLlama, path: str | Path, card: str | None = None) -> None:
+    """Write config.json, model.safetensors, (if a tokenizer is attached) tokenizer files, and README.md: the hub's
+    model card, with `card` (Markdown, e.g. `RunCard.markdown()`) as its evaluation section.
 
     Every file is written to a temporary name beside its target and renamed, so an interrupted export never
     leaves a half-written file behind.
@@ -106,8 +107,24 @@ def save_hf(model: HookedLlama, path: str | Path) -> None:
                 tokenizer_object=model.tokenizer, unk_token="[UNK]", eos_token="[EOS]",
                 model_max_length=model.cfg.n_ctx,
             ).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(model, card))
         for f in tmp.iterdir():
             atomic_replace(f, path / f.name)
+
+
+def model_card(model: HookedLlama, card: str | None) -> str:
+    """README.md of an export: hub metadata (YAML front matter), what the model is, how to load it, its card."""
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, sslens, simplestories]",
+             "---", "", f"# {cfg.model_name}", "",
+             f"A Llama model ({n_params:,} parameters: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+             f"{cfg.n_key_value_heads} key/value heads, context {cfg.n_ctx}, vocabulary {cfg.d_vocab}) trained with "
+             "sslens. It loads as `LlamaForCausalLM.from_pretrained(DIR)` or, with every activation hooked, as "
+             "`sslens.load_model(DIR)`."]
+    if card:
+        lines += ["", "## Evaluation (`sslens eval`)", "", card]
+    return "\n".join(lines) + "\n"
 
 
 def load_hf(path: str | Path, name: str | None = None) -> HookedLlama:

@@ -501,8 +501,9 @@ class HookedLlama(HookedRootModule):
 
         return generate(self, prompts, max_new_tokens, **settings)
 
-    def save_hf(self, path: str | Path) -> None:
-        """Write an HF `LlamaForCausalLM` directory (config, safetensors, tokenizer files if attached)."""
+    def save_hf(self, path: str | Path, card: str | None = None) -> None:
+        """Write an HF `LlamaForCausalLM` directory (config, safetensors, tokenizer files if attached, README.md with
+        `card`, a run card's Markdown, as its evaluation section)."""
         from .hf import save_hf
 
-        save_hf(self, path)
+        save_hf(self, path, card)

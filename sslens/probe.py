@@ -24,7 +24,7 @@ import re
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -95,15 +95,17 @@ def story_tokens(model: HookedLlama, stories: Sequence[str]) -> list[list[int]]:
 
 @torch.inference_mode()
 def harvest(model: HookedLlama, tokens: Sequence[Sequence[int]], hooks: Sequence[str], pool: str = "mean",
-            batch_size: int = 32, spill_dir: str | Path | None = None, progress: str | None = None) -> dict[str, np.ndarray]:
+            batch_size: int = 32, spill_dir: str | Path | None = None, progress: str | None = None,
+            on_logits: Callable[[list[int], Tensor], None] | None = None) -> dict[str, np.ndarray]:
     """One pooled vector per story and hook: [n_stories, features] float32 arrays (features = the activation's
     trailing dimensions flattened). Activations come from `run_with_cache` restricted to `hooks`, in batches of
     similar-length stories (left-padded), and the forward stops after the last layer needed. With `spill_dir`
-    the arrays are .npy memory maps there, so a harvest larger than memory streams to disk."""
+    the arrays are .npy memory maps there, so a harvest larger than memory streams to disk. `on_logits(rows,
+    logits)`, if given, also receives each batch's story indices and left-padded logits (from the same forward)."""
     check_harvest(pool, batch_size)
     hooks = list(hooks)
     layers = [int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", h)) else None if h == "hook_embed" else -1 for h in hooks]
-    stop = None if -1 in layers else max((l + 1 for l in layers if l is not None), default=0)
+    stop = None if -1 in layers or on_logits else max((l + 1 for l in layers if l is not None), default=0)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     out: dict[str, np.ndarray] = {}
     device = model.W_E.device
@@ -112,8 +114,11 @@ def harvest(model: HookedLlama, tokens: Sequence[Sequence[int]], hooks: Sequence
         rows = order[start:start + batch_size]
         ids, mask = left_pad([tokens[i] for i in rows], pad=0)
         ids, mask = ids.to(device), mask.to(device)
-        _, cache = model.run_with_cache(ids, attention_mask=mask if not mask.all() else None, names_filter=hooks,
-                                        return_type=None, stop_at_layer=stop, return_cache_object=False)
+        logits, cache = model.run_with_cache(ids, attention_mask=mask if not mask.all() else None, names_filter=hooks,
+                                             return_type="logits" if on_logits else None, stop_at_layer=stop,
+                                             return_cache_object=False)
+        if on_logits:
+            on_logits(rows, logits)
         for hook in hooks:
             act = cache[hook].flatten(2).float()  # [batch, pos, features]
             pooled = (act * mask[..., None]).sum(1) / mask.sum(1, keepdim=True) if pool == "mean" else act[:, -1]
@@ -219,7 +224,7 @@ def probe_features(features: dict[str, np.ndarray], stories: Sequence[str], labe
     y = np.asarray(labels)
     train, val, test = split(labels, seed)
     control = np.asarray(control_labels(stories, labels, train, seed))
-    majority = float((y[test] == Counter(y[train]).most_common(1)[0][0]).mean())
+    majority = majority_accuracy(y, train, test)
     results = []
     for hook, x in tqdm(features.items(), desc=progress or "probe", disable=progress is None, dynamic_ncols=True, leave=False):
         start = time.perf_counter()
@@ -229,6 +234,11 @@ def probe_features(features: dict[str, np.ndarray], stories: Sequence[str], labe
         results.append(ProbeResult(hook, step, accuracy, macro_f1, majority, control_accuracy, accuracy - control_accuracy,
                                    C, len(set(labels)), len(train), len(test), time.perf_counter() - start))
     return results
+
+
+def majority_accuracy(labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    """Test accuracy of always answering the most frequent training label: the floor a probe must beat."""
+    return float((labels[test] == Counter(labels[train]).most_common(1)[0][0]).mean())
 
 
 def probe(model: HookedLlama, stories: Sequence[str], labels: Sequence[str], hooks: Sequence[str] = DEFAULT_HOOKS,
@@ -289,18 +299,12 @@ def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Se
                 progress: bool = False) -> list[ProbeResult]:
     """Probe a model directory at several checkpoints: `steps` is "all" (every saved step of a run), a list of steps,
     or None (the newest checkpoint, or the one model of a checkpoint/HF directory)."""
-    from .checkpoint import load_model, saved_steps
+    from .checkpoint import load_model, requested_steps
 
-    if steps == "all":
-        steps = saved_steps(path)
-        if not steps:
-            raise SSLensError(f"{path} is not a run directory with checkpoints, so --steps all has nothing to probe")
-    steps = list(steps or [None])
+    steps = requested_steps(path, steps, "probe")
     check_harvest(pool, batch_size)
     first = load_model(path, steps[0])  # loaded, and the hooks checked, before any progress bar
     names = resolve_hooks(first, hooks)
-    if missing := [s for s in steps[1:] if s not in saved_steps(path)]:
-        raise SSLensError(f"{path} has no checkpoint at step {missing[0]}; saved steps: {saved_steps(path)}")
     results = []
     for i, step in enumerate(tqdm(steps, desc="checkpoints", disable=not progress, dynamic_ncols=True)):
         model = first if i == 0 else load_model(path, step)

@@ -37,7 +37,7 @@ def simplestories_pipeline(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> tokenizers.Tokenizer:
     """Train the SimpleStories WordPiece recipe on `texts`: [UNK] = 0, [EOS] = 1, `vocab_size` entries at most.
     WordPiece keeps every character of the texts whatever `vocab_size` asks, so a size below that alphabet is
-    refused, naming the smallest that works (61 for the embedded corpus)."""
+    refused, naming the smallest that works (62 for the embedded corpus)."""
     if vocab_size < 1:
         raise SSLensError(f"the vocabulary size must be positive, got {vocab_size}")
     tok = simplestories_pipeline(tokenizers.Tokenizer(WordPiece(unk_token=UNK, continuing_subword_prefix="##")))

@@ -289,9 +289,9 @@ SIZE_CASES = [
     (lambda p: ["probe", str(p["run"]), "--label", "theme", "--max_stories", "2", "--out", str(p["out"])],
      "max_stories must be at least 5, not 2"),
     (lambda p: ["tokenizer", "train", "--data", "synth:300", "--vocab-size", "10", "--out", str(p["out"])],
-     "cannot hold these stories: [UNK], [EOS] and each character, alone and as a ##continuation, take 61; ask for "
-     "at least 61"),
-    (lambda p: ["train", "1.25M", *TINY, "--d_vocab=40", f"--out_dir={p['out']}"], "ask for at least 61 (d_vocab"),
+     "cannot hold these stories: [UNK], [EOS] and each character, alone and as a ##continuation, take 62; ask for "
+     "at least 62"),
+    (lambda p: ["train", "1.25M", *TINY, "--d_vocab=40", f"--out_dir={p['out']}"], "ask for at least 62 (d_vocab"),
     (lambda p: ["train", "1.25M", *TINY, "--d_model=10000000", f"--out_dir={p['out']}"], "choose a smaller model"),
 ]
 

@@ -106,3 +106,37 @@ def test_an_unreachable_hub_is_one_line_naming_the_cause(tmp_path):
     assert run.stderr.startswith(f"sslens: error: {REPO} is not in the hub cache {tmp_path}")
     assert run.stderr.count("\n") == 1
     assert "Connection refused" in run.stderr
+
+
+def test_the_explorer_offers_a_hub_name_given_at_start(published, tmp_path, monkeypatch):
+    """`--hub NAME` (here SSLENS_HUB) puts the model in the run picker; it loads from the offline cache and the
+    panels show it exactly as the model computes it."""
+    from streamlit.testing.v1 import AppTest
+
+    model, _, cache = published
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SSLENS_RUNS", str(tmp_path / "no-runs"))
+    monkeypatch.setenv("SSLENS_HUB", REPO)
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "apps" / "explorer.py"), default_timeout=120).run()
+    at.text_area(key="prompt").set_value(PROMPT).run()
+    assert not at.exception and not at.error and not at.select_slider
+    assert at.selectbox(key="run").options == [f"{REPO} (hub)"]
+    greedy = model.generate(PROMPT, 8, temperature=0)[0].text.split()
+    assert all(word in next(m.value for m in at.markdown if "<span title='p=" in m.value) for word in greedy[:3])
+
+
+def test_the_run_card_of_a_hub_name_is_the_card_of_its_export(tiny_run, tmp_path):
+    """`sslens eval NAME` offline, from the hub cache, gives the card the export directory gives."""
+    repo = "SimpleStories/SimpleStories-1.25M"
+    load_model(tiny_run).save_hf(tmp_path / "export")
+    publish_to_cache(tmp_path / "export", tmp_path / "cache", repo)
+    args = ["--data", "synth:2000", "--probe_stories", "200", "--json"]
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    hub = subprocess.run([sys.executable, "-m", "sslens", "eval", repo, *args, str(tmp_path / "hub.json")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert hub.returncode == 0, hub.stderr
+    main(["eval", str(tmp_path / "export"), *args, str(tmp_path / "local.json")])
+    from_hub, local = (json.loads((tmp_path / f).read_text()) for f in ("hub.json", "local.json"))
+    assert from_hub.pop("model") == repo and local.pop("model") == "export"
+    assert from_hub == local and local["val_loss"] is not None and local["name_mentions"] > 0

@@ -149,6 +149,36 @@ def test_refrain_styles_repeat_their_refrain():
             assert sum(p.count(refrain) for p in paras) == labels["num_paragraphs"] - 1
 
 
+def test_the_cast_is_drawn_again_from_the_generation_id_and_names_recur(rows):
+    """story_cast replays a story's draws: its hero is in the text, mentioned again later; most names are made up,
+    and a made-up name starts with no word the stories use, so its first token is a name's, not a word's."""
+    made_up = set(synth.made_up_names())
+    heroes = []
+    for row in rows[:500]:
+        cast = synth.story_cast(row["generation_id"])
+        assert row["story"].count(cast["hero"]) >= 2, row["story"]
+        heroes.append(cast["hero"])
+    share = sum(h in made_up for h in heroes) / len(heroes)
+    assert 1 - synth.LISTED_NAME_SHARE - 0.07 < share < 1 - synth.LISTED_NAME_SHARE + 0.07
+    words = {w.lower().strip(".,!?\"'") for row in rows for w in row["story"].split()} - {h.lower() for h in heroes}
+    tok = train_tokenizer([row["story"] for row in rows], vocab_size=2048)
+    name_starts = {tok.encode(n).tokens[0] for n in synth.made_up_names()}
+    assert not name_starts & {w for w in words if w in synth.content_words()}
+    with pytest.raises(synth.SSLensError, match="not a story of the embedded corpus"):
+        synth.story_cast("tinystories-17")
+
+
+def test_most_stories_have_a_chant_that_recurs_word_for_word(rows):
+    chanted = 0
+    for row in rows:
+        chant = synth.story_cast(row["generation_id"])["chant"]
+        n = row["story"].count(chant)
+        assert n == 0 or 2 <= n <= 3 and (n == 3) == (row["num_paragraphs"] > 2), (chant, row["story"])
+        chanted += n > 0
+        assert all(w.lower() not in synth.content_words() for w in chant.split())
+    assert abs(chanted / len(rows) - synth.CHANT_SHARE) < 0.04
+
+
 @pytest.mark.slow
 def test_no_two_identical_stories_in_100k_and_few_unknown_tokens():
     stories = [synth.story(0, i)["story"] for i in range(100_000)]

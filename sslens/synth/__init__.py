@@ -45,6 +45,17 @@ NAMES = {
     "Tall Pine": "he", "Bright Moon": "she", "Quick River": "he",
 }
 NAME_LIST = list(NAMES)
+# Most heroes and friends get a made-up name of two syllables and an optional ending (about 20,000 of them, each in
+# about two stories of a 20k corpus): too many to memorise, so a later mention of a name can only be predicted by
+# copying it from earlier in the story, which is what induction heads do. A fifth keep a name from the list above.
+# Most stories also have a chant of made-up words that recurs two or three times, word for word (copying again).
+ONSETS, VOWELS, ENDINGS = "bdfghjklmnprstvz", "aeiou", ("", "n", "l", "r")
+LISTED_NAME_SHARE = 0.2
+CHANT_SHARE = 0.8
+CHANT_INTRO = ['{friend} taught {hero} a secret chant: "{chant}!"', 'On the old door were the magic words "{chant}."',
+               'Every night, {hero} sang a little song that went "{chant}."']
+CHANT_USE = ['{hero} whispered "{chant}," and {he} felt brave again.', '"{chant}!" {hero} said, just like before.',
+             'Then everyone sang "{chant}" together, and {place} felt warm.']
 PRONOUNS = {"he": ("he", "him", "his"), "she": ("she", "her", "her")}
 CAST = {"pair": "{hero} had a good friend named {friend}.", "group": "{hero} and {friend} had many friends in {place}.",
         "rival": "{friend} always wanted to beat {hero} at everything.", "solo": "{hero} liked to do things alone."}
@@ -104,6 +115,63 @@ def sample_labels(rng: random.Random) -> dict:
 def _letters() -> tuple[list[str], list[float]]:
     letters, weights = zip(*content()["labels"]["letter_frequencies"].items())
     return list(letters), list(itertools.accumulate(weights))
+
+
+@functools.cache
+def content_words() -> frozenset[str]:
+    """Every word the generator's sentences and listed names use, lowercased."""
+    words: set[str] = set()
+
+    def walk(x) -> None:
+        if isinstance(x, str):
+            words.update(w.lower() for w in re.findall(r"[A-Za-z]+", x))
+        elif isinstance(x, dict | list):
+            for v in (x.values() if isinstance(x, dict) else x):
+                walk(v)
+    walk([content()[k] for k in ("themes", "topics", "styles", "grammars", "personas", "openers")] + NAME_LIST
+         + CHANT_INTRO + CHANT_USE + list(CAST.values()) + QUESTIONS)
+    return frozenset(words)
+
+
+def _made_up(word: str) -> bool:
+    """No beginning of the word (two letters or more) is a word of the corpus, so its first token is never a word
+    the stories use elsewhere ("Hemo" would start with "he", "Sunu" with "sun")."""
+    return not any(word[:k].lower() in content_words() for k in range(2, len(word) + 1))
+
+
+@functools.cache
+def _syllables() -> list[str]:
+    return [onset + vowel for onset in ONSETS for vowel in VOWELS]
+
+
+@functools.cache
+def made_up_names() -> tuple[str, ...]:
+    names = ((a + b + end).capitalize() for a in _syllables() for b in _syllables() for end in ENDINGS)
+    return tuple(name for name in names if _made_up(name))
+
+
+@functools.cache
+def chant_words() -> tuple[str, ...]:
+    words = _syllables() + [a + b for a in _syllables() for b in _syllables()]
+    return tuple(word for word in words if _made_up(word))
+
+
+def chant(rng: random.Random) -> str:
+    """Four to six made-up words, like "Ka lomi zu bafe"."""
+    return " ".join(rng.choices(chant_words(), k=rng.randint(4, 6))).capitalize()
+
+
+def all_names() -> tuple[str, ...]:
+    """Every name a hero or friend can have."""
+    return tuple(NAME_LIST) + made_up_names()
+
+
+def _name(rng: random.Random) -> tuple[str, str]:
+    """A name and its pronoun ("he" or "she")."""
+    if rng.random() < LISTED_NAME_SHARE:
+        name = rng.choice(NAME_LIST)
+        return name, NAMES[name]
+    return rng.choice(made_up_names()), rng.choice(("he", "she"))
 
 
 def _article(noun: str) -> str:
@@ -255,6 +323,12 @@ def plan(labels: dict, rng: random.Random) -> list[list[str]]:
         if n > 2:
             _middle(paras).append(persona["aside"])
         paras[-1].append(persona["outro"])
+    if rng.random() < CHANT_SHARE:  # before the feature, which may need the story's last sentence
+        intro, *uses = rng.sample(CHANT_INTRO, 1) + rng.sample(CHANT_USE, 2)
+        paras[0].append(intro)
+        if n > 2:
+            _middle(paras).append(uses.pop())
+        _at_start(paras, paras[-1], uses[0])
     FEATURES[labels["feature"]](paras, th, rng)
     last_stays_last = labels["feature"] in LAST_SENTENCE_FEATURES
     for i, para in enumerate(paras):  # the style's own lines
@@ -270,15 +344,22 @@ def plan(labels: dict, rng: random.Random) -> list[list[str]]:
     return paras
 
 
-def realise(paras: list[list[str]], labels: dict, rng: random.Random) -> str:
-    """Fill the slots (one cast, place, object and creature per story) and shape sentences as the style does."""
-    tp, style = content()["topics"][labels["topic"]], STYLES[labels["style"]]
-    hero, friend = rng.sample(NAME_LIST, 2)
-    he, him, his = PRONOUNS[NAMES[hero]]
+def cast(labels: dict, rng: random.Random) -> dict[str, str]:
+    """The story's slots: one hero and one friend (different names), place, object and creature."""
+    tp = content()["topics"][labels["topic"]]
+    (hero, pronoun), (friend, _) = _name(rng), _name(rng)
+    while friend == hero:
+        friend, _ = _name(rng)
+    he, him, his = PRONOUNS[pronoun]
     thing, creature = rng.choice(tp["things"]), rng.choice(tp["creatures"])
-    slots = {"hero": hero, "he": he, "him": him, "his": his, "He": he.capitalize(), "His": his.capitalize(),
-             "friend": friend, "place": rng.choice(tp["places"]), "thing": "the " + thing, "a_thing": _article(thing),
-             "creature": "the " + creature, "a_creature": _article(creature)}
+    return {"hero": hero, "he": he, "him": him, "his": his, "He": he.capitalize(), "His": his.capitalize(),
+            "friend": friend, "place": rng.choice(tp["places"]), "thing": "the " + thing, "a_thing": _article(thing),
+            "creature": "the " + creature, "a_creature": _article(creature), "chant": chant(rng)}
+
+
+def realise(paras: list[list[str]], labels: dict, rng: random.Random) -> str:
+    """Fill the slots (`cast`) and shape sentences as the style does."""
+    slots, style = cast(labels, rng), STYLES[labels["style"]]
     out = []
     for para in paras:
         sentences = []
@@ -342,6 +423,18 @@ def metrics(text: str) -> dict:
         "flesch_kincaid_grade": round(0.39 * per_sentence + 11.8 * per_word - 15.59, 2),
         "dale_chall_readability_score": round(0.1579 * difficult + 0.0496 * per_sentence + (3.6365 if difficult > 5 else 0), 2),
     }
+
+
+def story_cast(generation_id: str) -> dict[str, str]:
+    """The slots of the story with this `generation_id` ("synth-SEED-INDEX"), drawn again as `story` drew them."""
+    try:
+        _, seed, index = generation_id.split("-")
+        rng = random.Random(f"{int(seed)}/{int(index)}")
+    except ValueError:
+        raise SSLensError(f"{generation_id!r} is not a story of the embedded corpus (synth-SEED-INDEX)") from None
+    labels = sample_labels(rng)
+    plan(labels, rng)
+    return cast(labels, rng)
 
 
 def story(seed: int, index: int) -> dict:
