@@ -92,12 +92,29 @@ def evaluate(path: str | Path, step: int | None = None, data: str | None = None,
              probe_stories: int = CARD_PROBE_STORIES) -> RunCard:
     """The card of a run's checkpoint (newest, or `step`), a checkpoint or HF directory, or a hub name. Stories: the
     run's held-out validation stories; for another model, the test split of `data` (default: the embedded corpus)."""
-    model = load_model(path, step).eval()
-    if model.tokenizer is None:
-        raise SSLensError(f"{path} has no tokenizer, so no stories can be encoded for its card")
-    val, probe_set = eval_stories(path, data, probe_stories)
-    seen = tokens_seen(path) if saved_steps(path) else {}
-    card_step = model_step(path, step)
+    return evaluate_steps(path, [step] if step is not None else None, data, probe_stories)[0]
+
+
+def evaluate_steps(path: str | Path, steps: Sequence[int] | str | None, data: str | None = None,
+                   probe_stories: int = CARD_PROBE_STORIES, progress: bool = False) -> list[RunCard]:
+    """A card per checkpoint: `steps` is "all" (every saved step), a list of steps, or None (the newest, or the
+    one model of a directory or hub name). The stories are read once for all of them."""
+    steps = requested_steps(path, steps, "evaluate")
+    stories = None
+    cards = []
+    for step in tqdm(steps, desc="checkpoints", disable=not progress, dynamic_ncols=True):
+        model = load_model(path, step).eval()
+        if model.tokenizer is None:
+            raise SSLensError(f"{path} has no tokenizer, so no stories can be encoded for its card")
+        stories = stories or eval_stories(path, data, probe_stories)
+        cards.append(card(model, path, model_step(path, step), *stories))
+    return cards
+
+
+def card(model: HookedLlama, path: str | Path, card_step: int | None, val: datasets.Dataset,
+         probe_set: datasets.Dataset) -> RunCard:
+    """The card of one loaded model: loss on `val`, names and theme on `probe_set`."""
+    seen = tokens_seen(path) if card_step is not None else {}
     induction = repeated_tokens_induction_scores(model, seq_len=min(50, model.cfg.n_ctx // 2))
     layer, head = divmod(int(induction.argmax()), model.cfg.n_heads)
     loss, n_tokens = stories_loss(model, val["story"])
@@ -106,14 +123,6 @@ def evaluate(path: str | Path, step: int | None = None, data: str | None = None,
     return RunCard(model.cfg.model_name, card_step, seen.get(card_step), loss, n_tokens, float(induction.max()),
                    f"L{layer}H{head}", copying, mentions, block, hook, embed, chance,
                    [(p, s.text) for p, s in zip(PROMPTS, samples)])
-
-
-def evaluate_steps(path: str | Path, steps: Sequence[int] | str, data: str | None = None,
-                   probe_stories: int = CARD_PROBE_STORIES, progress: bool = False) -> list[RunCard]:
-    """A card per checkpoint: `steps` is "all" (every saved step) or a list of steps."""
-    steps = requested_steps(path, steps, "evaluate")
-    return [evaluate(path, s, data, probe_stories) for s in tqdm(steps, desc="checkpoints", disable=not progress,
-                                                                   dynamic_ncols=True)]
 
 
 def model_step(path: str | Path, step: int | None) -> int | None:
