@@ -258,8 +258,6 @@ def load_trainer_state(run_dir: Path, step: int) -> dict:
 def load_model(path: str | Path, step: int | None = None) -> HookedLlama:
     """A HookedLlama from a run directory (newest checkpoint, or `step`), a checkpoint directory, a local
     HF-format Llama directory, or an HF hub name when online (e.g. "SimpleStories/SimpleStories-5M")."""
-    from .hf import load_hf_or_hub
-
     path = Path(path)
     if (path / "config.yaml").is_file():
         return load_run_model(path, step)
@@ -267,4 +265,19 @@ def load_model(path: str | Path, step: int | None = None) -> HookedLlama:
         return load_run_model(path.parent.parent, int(m.group(1)))
     if step is not None:
         raise SSLensError(f"{path} is not a run directory, so it has no steps to choose from")
-    return load_hf_or_hub(path)
+    return load_hf(path)
+
+
+def load_hf(name_or_path: str | Path) -> HookedLlama:
+    """A HookedLlama from a local HF-format Llama directory or a hub name (see `hf.hf_location`)."""
+    from .hf import hf_location, read_hf_config, read_hf_weights  # transformers: imported only when needed
+
+    path, name = hf_location(name_or_path)
+    model = HookedLlama(read_hf_config(path, name))  # refuses a model too large for memory before reading weights
+    try:
+        model.load_state_dict(read_hf_weights(path, model.cfg.n_layers))
+    except RuntimeError as e:  # a weight's shape differs from what config.json says
+        raise SSLensError(f"{path}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
+    if (path / "tokenizer.json").is_file():
+        model.tokenizer = load_tokenizer(path / "tokenizer.json")
+    return model

@@ -20,15 +20,19 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .errors import SSLensError
-from .model import HookedLlama, KVCache, hooks_attached
+from .inductor import decode_backend, hooks_attached, skip_hook_guards
+from .kvcache import KVCache
 from .tokenizer import EOS, encode
+
+if TYPE_CHECKING:
+    from .model import HookedLlama
 
 
 @dataclass
@@ -102,49 +106,6 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, m
         raise SSLensError(f"num_samples must be >= 1, got {num_samples}")
 
 
-def _row_times_matrix(a: Tensor, b: Tensor) -> Tensor:
-    """aten.mm of a single row by a matrix, on CPU, as multiply-and-sum loops that inductor compiles and vectorises:
-    for a one-token step's projections about twice as fast as the BLAS call it replaces (BENCHMARKS.md).
-
-    The row goes through `as_strided`, which makes inductor compute it once (an RMSNorm, say) rather than inline
-    it into every tile of the loop. Rows of `b` are summed 8 at a time first: each tile of outputs then reads 8
-    rows side by side, which the hardware prefetches, where one long column-wise pass per tile crosses a memory
-    page at every row (measured 0.62 against 0.88 ms per 5M step)."""
-    if a.device.type != "cpu" or not guard_or_false(a.shape[0] == 1):
-        return NotImplemented
-    (k, n), chunked = b.shape, b.shape[0] - b.shape[0] % 8
-    products = torch.as_strided(a, (k, 1), (a.stride(1), 1)) * b
-    out = products[:chunked].view(chunked // 8, 8, n).sum(1).sum(0, keepdim=True)
-    return out + products[chunked:].sum(0, keepdim=True) if chunked < k else out
-
-
-def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-    """The inductor backend, with single-row matrix products decomposed as `_row_times_matrix` does, and on CPU a
-    C++ wrapper around the kernels (a Python one costs ~0.15 ms per step). The AOTAutograd cache is off: its key
-    ignores decompositions, so it could hand back a graph compiled without ours (inductor's own cache, keyed on
-    the decomposed graph, still saves recompiling in a later process)."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
-    with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": cpu},
-                          decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _row_times_matrix})
-
-
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-              "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_global_forward_hooks",
-              "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
-              "_global_module_registration_hooks")
-
-
-def _skip_hook_guards(guards: list) -> list[bool]:
-    """Keep every dynamo guard but those on hook dictionaries: half of all guards, checked on every step (about
-    0.1 ms of a 0.7 ms step on CPU). `step_function` checks for hooks itself, once per stream."""
-    return [not guard.name.endswith(HOOK_DICTS) for guard in guards]
-
-
 def decode_step(model: HookedLlama, tokens: Int[Tensor, "batch 1"], cache: KVCache, temperature: float,
                 top_k: int | None, top_p: float | None,
                 noise: Tensor | None) -> tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]:
@@ -161,7 +122,7 @@ def step_function(model: HookedLlama, compile: bool) -> Callable[..., tuple[Tens
         return step
     owner, compiled = getattr(model, "_compiled_step", (None, None))
     if owner is None or owner() is not model:  # a copy of a model (copy.deepcopy) compiles its own
-        compiled = torch.compile(step, backend=_inductor, dynamic=True, options={"guard_filter_fn": _skip_hook_guards})
+        compiled = torch.compile(step, backend=decode_backend, dynamic=True, options={"guard_filter_fn": skip_hook_guards})
         model._compiled_step = (weakref.ref(model), compiled)
     return compiled
 

@@ -6,6 +6,7 @@ import json
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,8 +15,9 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 from .config import ModelConfig
 from .errors import ConfigError, SSLensError
 from .fileio import atomic_replace
-from .model import HookedLlama
-from .tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from .model import HookedLlama  # instances only: this module sits below model.py (model.save_hf calls it)
 
 def hf_state_dict(model: HookedLlama) -> dict[str, torch.Tensor]:
     """Our weights under HF Llama names (fused QKV and gate|up matrices split back apart)."""
@@ -127,28 +129,27 @@ def model_card(model: HookedLlama, card: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_hf(path: str | Path, name: str | None = None) -> HookedLlama:
-    """A HookedLlama from an HF Llama directory (config.json + safetensors or pytorch_model.bin), named `name`
-    (a hub snapshot's directory is only a commit hash) or else after the directory."""
-    path = Path(path)
+def read_hf_config(path: Path, name: str) -> ModelConfig:
+    """Our config, named `name`, for the Llama in an HF directory (its config.json)."""
     try:
         hf = LlamaConfig.from_pretrained(path)
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise SSLensError(f"{path}/config.json is not a readable Llama config: {str(e).splitlines()[0]}") from None
     if hf.model_type != "llama":
         raise SSLensError(f"{path} holds a {hf.model_type!r} model; only Llama is supported")
-    model = HookedLlama(config_from_hf(hf, name or path.name))
+    return config_from_hf(hf, name)
+
+
+def read_hf_weights(path: Path, n_layers: int) -> dict[str, torch.Tensor]:
+    """The weights of an HF Llama directory (safetensors or pytorch_model.bin) under our names."""
     state = _read_weights(path)
     lm_head = state.pop("lm_head.weight", None)
     if lm_head is not None and not torch.equal(lm_head, state.get("model.embed_tokens.weight", lm_head)):
         raise SSLensError(f"{path}: lm_head differs from the embedding (untied); HookedLlama ties them")
     try:
-        model.load_state_dict(state_dict_from_hf(state, model.cfg.n_layers))
-    except (KeyError, RuntimeError) as e:
+        return state_dict_from_hf(state, n_layers)
+    except KeyError as e:
         raise SSLensError(f"{path}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
-    if (path / "tokenizer.json").is_file():
-        model.tokenizer = load_tokenizer(path / "tokenizer.json")
-    return model
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -163,17 +164,18 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise SSLensError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
-def load_hf_or_hub(name_or_path: str | Path) -> HookedLlama:
-    """A HookedLlama from a local HF-format directory, or from the hub by name (e.g.
-    "SimpleStories/SimpleStories-5M"): downloaded when online, read from the hub cache when offline."""
+def hf_location(name_or_path: str | Path) -> tuple[Path, str]:
+    """Where an HF-format model lies and what to call it: a local directory (named after it), or a hub name (e.g.
+    "SimpleStories/SimpleStories-5M") downloaded when online and read from the hub cache when offline (named after
+    the repo: its snapshot directory is only a commit hash)."""
     path = Path(name_or_path)
     if path.exists():
         if not (path / "config.json").is_file():
             raise SSLensError(f"{path} is not a model directory (no config.json)")
-        return load_hf(path)
+        return path, path.name
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):  # not a hub name either
         raise SSLensError(f"model directory {name_or_path} not found")
-    return load_hf(_hub_snapshot(str(name_or_path)), name=str(name_or_path))
+    return _hub_snapshot(str(name_or_path)), str(name_or_path)
 
 
 def _hub_snapshot(repo: str) -> Path:

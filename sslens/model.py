@@ -18,20 +18,14 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from torch.nn.modules import module as module_hooks
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from .config import ModelConfig, load_config, memory_needed, parameter_count
 from .errors import SSLensError
+from .inductor import hooks_attached
+from .kvcache import KVCache
 from .tokenizer import alphabet_size, encode
-
-
-def hooks_attached(module: nn.Module) -> bool:
-    """Whether any forward or backward hook (TransformerLens's, plain torch's, or a global one) could fire on `module`."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-                or module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
 
 
 class Hook(HookPoint):
@@ -81,26 +75,6 @@ def column_major(layer: nn.Linear | nn.Embedding) -> nn.Linear | nn.Embedding:
     weights at memory speed; training speed is unchanged (both measured, see BENCHMARKS.md)."""
     layer.weight = nn.Parameter(layer.weight.detach().t().contiguous().t())
     return layer
-
-
-class KVCache:
-    """Rotated keys and values of every position seen so far, preallocated to n_ctx for all layers.
-
-    Pass one to `forward` (as `past_kv_cache`, TransformerLens's name) to feed a sequence a piece at a time: each
-    call appends its tokens. Rows may be left-padded: `key_mask` is False at padding, and `next_position` is each
-    row's rotary position of its next token (its count of real tokens), so a padded row sees exactly what it
-    would see alone.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        shape = (batch, cfg.n_key_value_heads, cfg.n_ctx, cfg.d_head)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.key_mask = torch.ones(batch, cfg.n_ctx, device=device, dtype=torch.bool)
-        self.next_position = torch.zeros(batch, device=device, dtype=torch.long)
-        self.length = 0  # positions filled, padding included
-        self.padded = False
 
 
 @dataclass

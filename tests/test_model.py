@@ -279,3 +279,19 @@ def test_the_memory_check_measures_the_device_the_model_goes_to(small_model, mon
     monkeypatch.setattr(sslens.model, "available_memory", lambda device=None: 2**20)
     with pytest.raises(SSLensError, match="is available on cpu"):
         HookedLlama.from_preset("1.25M")
+
+
+def test_the_forward_compiles_as_one_graph_with_or_without_a_cache():
+    """Every hook point checks for hooks on each call (`hooks_attached`); dynamo must trace that check, or the
+    compiled training step and the compiled decode step would break into a graph per hook point."""
+    from sslens.kvcache import KVCache
+
+    model = HookedLlama.from_preset("1.25M", seed=0)
+    tokens = random_tokens(batch=2, pos=16)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(tokens)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons[:1]
+    cache = KVCache(model.cfg, batch=2)
+    model(tokens, past_kv_cache=cache)
+    explained = torch._dynamo.explain(model)(tokens[:, :1], past_kv_cache=cache)
+    assert explained.graph_break_count == 0, explained.break_reasons[:1]
