@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
-from sslens.lens import EXPLORE_NEW_TOKENS, explore
+from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, explore
 
 
 PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
@@ -53,8 +53,8 @@ def model_at(path: str, step: int | None):
 
 @st.cache_data(max_entries=64, show_spinner="Running the model ...")
 def analyse(path: str, step: int | None, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-            top_p: float, seed: int) -> dict:
-    """Everything the three panels show, as plain data (see sslens.lens.explore)."""
+            top_p: float, seed: int) -> Exploration:
+    """Everything the three panels show (see sslens.lens.explore)."""
     return explore(model_at(path, step), prompt, max_new_tokens, temperature=temperature, top_k=top_k or None,
                    top_p=top_p if top_p < 1 else None, seed=seed)
 
@@ -70,9 +70,9 @@ def settings_key(*settings) -> str:
     return hashlib.sha1(repr(settings).encode()).hexdigest()[:16]
 
 
-def position_labels(result: dict) -> list[str]:
+def position_labels(result: Exploration) -> list[str]:
     """Every position as "index:token"; the model's own tokens (after the prompt) are marked with a "*"."""
-    return [f"{i}:{t}" + ("*" if i >= result["n_prompt"] else "") for i, t in enumerate(result["tokens"])]
+    return [f"{i}:{t}" + ("*" if i >= result.n_prompt else "") for i, t in enumerate(result.tokens)]
 
 
 def position_window(n: int) -> slice:
@@ -91,23 +91,23 @@ def cell_text(shown: slice) -> str:
     return "%{text}" if shown.stop - shown.start <= WINDOW else ""
 
 
-def generation_panel(result: dict, key: str) -> None:
+def generation_panel(result: Exploration, key: str) -> None:
     st.subheader("Generation")
     spans = [f"{spaced(t)[0]}<span title='p={p:.3f}' style='background: rgba(46, 139, 87, {p:.2f})'>"
-             f"{html.escape(spaced(t)[1])}</span>" for t, p in zip(result["new_tokens"], result["new_probs"])]
-    prompt = "".join(space + html.escape(text) for space, text in map(spaced, result["prompt_tokens"])).strip()
+             f"{html.escape(spaced(t)[1])}</span>" for t, p in zip(result.new_tokens, result.new_probs)]
+    prompt = "".join(space + html.escape(text) for space, text in map(spaced, result.prompt_tokens)).strip()
     st.markdown(f"**{prompt}**" + "".join(spans), unsafe_allow_html=True)
     st.caption("Each new token is shaded by the probability the model gave it (darker = more likely).")
-    if result["new_tokens"]:
-        choice = st.selectbox("Token", range(len(result["new_tokens"])), key=f"token:{key}",
-                              format_func=lambda i: f"{i + 1}: {result['new_tokens'][i]} (p={result['new_probs'][i]:.3f})")
-        st.table([{"token": t, "probability": round(p, 4)} for t, p in result["alternatives"][choice]],
+    if result.new_tokens:
+        choice = st.selectbox("Token", range(len(result.new_tokens)), key=f"token:{key}",
+                              format_func=lambda i: f"{i + 1}: {result.new_tokens[i]} (p={result.new_probs[i]:.3f})")
+        st.table([{"token": t, "probability": round(p, 4)} for t, p in result.alternatives[choice]],
                  hide_index=True)  # plain HTML (a dataframe is a canvas), so a browser test can read it
 
 
-def attention_panel(result: dict, shown: slice) -> None:
+def attention_panel(result: Exploration, shown: slice) -> None:
     st.subheader("Attention")
-    pattern = result["pattern"][:, :, shown, shown]
+    pattern = result.pattern[:, :, shown, shown]
     labels = position_labels(result)[shown]
     layer = st.selectbox("Layer", range(pattern.shape[0]), key="layer")
     head = st.selectbox("Head", range(pattern.shape[1]), key="head")
@@ -128,8 +128,8 @@ def attention_panel(result: dict, shown: slice) -> None:
     grid.update_layout(title=f"every head of layer {layer} (tokens {labels[0]} .. {labels[-1]})", height=260,
                        margin=dict(t=60, b=0))
     st.plotly_chart(grid, width="stretch", config=PLOT_CONFIG, key="grid")
-    summary = st.selectbox("Head scores", list(result["heads"]), key="summary")
-    scores = result["heads"][summary]
+    summary = st.selectbox("Head scores", list(result.heads), key="summary")
+    scores = result.heads[summary]
     fig = go.Figure(go.Heatmap(z=scores, x=[f"H{h}" for h in range(scores.shape[1])],
                                y=[f"L{l}" for l in range(scores.shape[0])], colorscale="Viridis"))
     fig.update_layout(yaxis_autorange="reversed", height=260, margin=dict(t=10, b=0), xaxis_title="head",
@@ -137,14 +137,14 @@ def attention_panel(result: dict, shown: slice) -> None:
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="summary_plot")
 
 
-def logit_lens_panel(result: dict, shown: slice) -> None:
+def logit_lens_panel(result: Exploration, shown: slice) -> None:
     """Full width, so that the WINDOW positions shown at first each have room for their top token as text."""
     st.subheader("Logit lens")
     positions = position_labels(result)
-    top = [row[shown] for row in result["lens_top_tokens"]]
+    top = [row[shown] for row in result.lens_top_tokens]
     hover = [[", ".join(f"{t} {p:.2f}" for t, p in zip(ks, ps)) for ks, ps in zip(row, probs)]
-             for row, probs in zip(top, result["lens_top_probs"][:, shown])]
-    fig = go.Figure(go.Heatmap(z=result["lens_top_probs"][:, shown, 0], x=positions[shown], y=result["lens_labels"],
+             for row, probs in zip(top, result.lens_top_probs[:, shown])]
+    fig = go.Figure(go.Heatmap(z=result.lens_top_probs[:, shown, 0], x=positions[shown], y=result.lens_labels,
                                text=[[ks[0] for ks in row] for row in top], texttemplate=cell_text(shown),
                                textfont_size=CELL_FONT,
                                customdata=hover, hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
@@ -154,8 +154,8 @@ def logit_lens_panel(result: dict, shown: slice) -> None:
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="lens")
     targets = slice(shown.start, min(shown.stop, len(positions) - 1))  # the last position has no next token
     if targets.stop > targets.start:
-        fig = go.Figure(go.Heatmap(z=result["lens_target_probs"][:, targets], x=positions[1:][targets],
-                                   y=result["lens_labels"], text=result["lens_target_ranks"][:, targets],
+        fig = go.Figure(go.Heatmap(z=result.lens_target_probs[:, targets], x=positions[1:][targets],
+                                   y=result.lens_labels, text=result.lens_target_ranks[:, targets],
                                    texttemplate=cell_text(targets), textfont_size=CELL_FONT, colorscale="Greens",
                                    zmin=0, zmax=1,
                                    hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>"))
@@ -233,7 +233,7 @@ def main() -> None:
     except (SSLensError, OSError) as e:
         st.error(str(e))
         return
-    shown = position_window(len(result["tokens"]))
+    shown = position_window(len(result.tokens))
     left, right = st.columns(2)
     with left:
         generation_panel(result, settings_key(*settings))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -128,12 +129,31 @@ def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int =
 EXPLORE_NEW_TOKENS = 20  # the explorer's default continuation: long enough to read, short enough to stay interactive
 
 
+@dataclass
+class Exploration:
+    """One prompt and its continuation as the explorer shows them, in plain data (numpy arrays, strings), so the
+    app can cache it. Positions run over prompt + continuation; token strings are the tokenizer's ("##" pieces)."""
+
+    n_prompt: int  # where the continuation starts
+    tokens: list[str]
+    prompt_tokens: list[str]
+    new_tokens: list[str]
+    text: str | None
+    new_probs: list[float]  # each new token's probability
+    alternatives: list[list[tuple[str, float]]]  # each new position's top 10 (token, probability)
+    pattern: Float[np.ndarray, "layer head q_pos k_pos"]
+    heads: dict[str, Float[np.ndarray, "layer head"]]  # head_summaries
+    lens_labels: list[str]
+    lens_top_tokens: list[list[list[str]]]  # [layer][pos][k], as LogitLens.top_tokens
+    lens_top_probs: Float[np.ndarray, "layer pos k"]
+    lens_target_probs: Float[np.ndarray, "layer pos_minus_1"]
+    lens_target_ranks: Int[np.ndarray, "layer pos_minus_1"]
+
+
 @torch.inference_mode()
-def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_TOKENS, **sampling) -> dict:
-    """One prompt as the explorer shows it, as plain data: the continuation with each new token's probability
-    and top-10 alternatives; every layer's attention pattern and head scores and the logit lens, over prompt +
-    continuation (one forward, so the model's own tokens can be examined; `n_prompt` marks where they start).
-    Token strings are the tokenizer's (word pieces keep their "##")."""
+def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_TOKENS, **sampling) -> Exploration:
+    """Continue `prompt`, then one forward over prompt + continuation (so the model's own tokens can be examined)
+    for every layer's attention pattern, the head scores and the logit lens."""
     ids = prompt_ids(model, prompt)
     tok = model.tokenizer
     sample = model.generate([ids], max_new_tokens, **sampling)[0]
@@ -143,20 +163,20 @@ def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_T
     probs = token_probabilities(model, tokens, k=10, logits=logits[0])
     new = slice(len(ids) - 1, None)
     decode = tok.id_to_token
-    return {
-        "n_prompt": len(ids),
-        "tokens": [decode(t) for t in tokens.tolist()],
-        "prompt_tokens": [decode(t) for t in ids],
-        "new_tokens": [decode(t) for t in sample.tokens],
-        "text": sample.text,
-        "new_probs": probs.probs[new].tolist(),
-        "alternatives": [[(decode(t), p) for t, p in zip(ts, ps)]
-                         for ts, ps in zip(probs.top_tokens[new].tolist(), probs.top_probs[new].tolist())],
-        "pattern": cache.stack_activation("pattern")[:, 0].cpu().numpy(),  # [layer, head, q, k]
-        "heads": {name: v.cpu().numpy() for name, v in head_summaries(model, tokens, cache=cache).items()},
-        "lens_labels": lens.labels,
-        "lens_top_tokens": [[[decode(t) for t in ks] for ks in row] for row in lens.top_tokens.tolist()],
-        "lens_top_probs": lens.top_probs.cpu().numpy(),
-        "lens_target_probs": lens.target_probs.cpu().numpy(),
-        "lens_target_ranks": lens.target_ranks.cpu().numpy(),
-    }
+    return Exploration(
+        n_prompt=len(ids),
+        tokens=[decode(t) for t in tokens.tolist()],
+        prompt_tokens=[decode(t) for t in ids],
+        new_tokens=[decode(t) for t in sample.tokens],
+        text=sample.text,
+        new_probs=probs.probs[new].tolist(),
+        alternatives=[[(decode(t), p) for t, p in zip(ts, ps)]
+                      for ts, ps in zip(probs.top_tokens[new].tolist(), probs.top_probs[new].tolist())],
+        pattern=cache.stack_activation("pattern")[:, 0].cpu().numpy(),
+        heads={name: v.cpu().numpy() for name, v in head_summaries(model, tokens, cache=cache).items()},
+        lens_labels=lens.labels,
+        lens_top_tokens=[[[decode(t) for t in ks] for ks in row] for row in lens.top_tokens.tolist()],
+        lens_top_probs=lens.top_probs.cpu().numpy(),
+        lens_target_probs=lens.target_probs.cpu().numpy(),
+        lens_target_ranks=lens.target_ranks.cpu().numpy(),
+    )
