@@ -27,7 +27,6 @@ from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, explore
 
-
 PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
 CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
 WINDOW = 32  # positions the attention and lens maps show at first: wide enough to read each token's label

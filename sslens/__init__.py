@@ -16,10 +16,13 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .config import ModelConfig, load_config, preset_names
-    from .errors import ConfigError, SSLensError
-    from .checkpoint import load_model
-    from .model import HookedLlama
+    from .checkpoint import load_model as load_model  # "as": re-exported (see __all__)
+    from .config import ModelConfig as ModelConfig
+    from .config import load_config as load_config
+    from .config import preset_names as preset_names
+    from .errors import ConfigError as ConfigError
+    from .errors import SSLensError as SSLensError
+    from .model import HookedLlama as HookedLlama
 
 
 def __getattr__(name: str):

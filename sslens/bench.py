@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import LlamaForCausalLM
 
 from .errors import SSLensError
 from .flops import flops_per_token, peak_flops
@@ -218,27 +218,31 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
     for preset in presets:
         for dtype in dtypes:
             for compile_ in compiled:
-                model = HookedLlama.from_preset(preset, seed=0).train()
-                hf = hf_twin(model).train().to(device)
-                model.to(device)
-                tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
-                x, y = tokens[:, :-1], tokens[:, 1:]
-                amp = None if dtype == torch.float32 else dtype
-                kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
-                name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
-                peer, goal = "HF LlamaForCausalLM training step", 1.1 if amp is None else 1.5
-                ours = TrainingLoss(model)
-                row = attempt(name, peer, goal, lambda: compare(
-                    name, _train_steps(model, torch.compile(ours) if compile_ else ours, x, y, amp, steps), peer,
-                    _train_steps(hf, lambda x, y: next_token_loss(hf(x).logits, y), x, y, amp, steps),
-                    batch * seq * steps, reps, goal))
-                per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops(device, dtype)
-                row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
-                rows.append(row)
-                del model, hf
+                rows.append(_train_row(preset, dtype, compile_, batch, seq, reps, steps, device))
                 if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+                    torch.cuda.empty_cache()  # the row's models are gone with its frame
     return rows
+
+
+def _train_row(preset: str, dtype: torch.dtype, compile_: bool, batch: int, seq: int, reps: int, steps: int,
+               device: str) -> Row:
+    model = HookedLlama.from_preset(preset, seed=0).train()
+    hf = hf_twin(model).train().to(device)
+    model.to(device)
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    amp = None if dtype == torch.float32 else dtype
+    kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
+    name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
+    peer, goal = "HF LlamaForCausalLM training step", 1.1 if amp is None else 1.5
+    ours = TrainingLoss(model)
+    row = attempt(name, peer, goal, lambda: compare(
+        name, _train_steps(model, torch.compile(ours) if compile_ else ours, x, y, amp, steps), peer,
+        _train_steps(hf, lambda x, y: next_token_loss(hf(x).logits, y), x, y, amp, steps),
+        batch * seq * steps, reps, goal))
+    per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops(device, dtype)
+    row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
+    return row
 
 
 def check_device(device: str) -> None:

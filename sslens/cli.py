@@ -35,8 +35,17 @@ def cmd_model(args: argparse.Namespace, overrides: list[str]) -> None:
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
-    from .bench import (as_json, bench_data, bench_suite, bench_train, check_device, format_data, format_rows,
-                        format_suite, train_dtypes)
+    from .bench import (
+        as_json,
+        bench_data,
+        bench_suite,
+        bench_train,
+        check_device,
+        format_data,
+        format_rows,
+        format_suite,
+        train_dtypes,
+    )
 
     _no_extra(overrides)
     torch.manual_seed(0)

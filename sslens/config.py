@@ -13,7 +13,6 @@ import yaml
 
 from .errors import ConfigError
 
-
 DEFAULT_PROBE_HOOKS = ("hook_embed", "blocks.*.hook_resid_post")  # sslens probe; here so the CLI needs no torch
 # sslens eval: enough stories for a 63-way theme probe (60/20/20 split) to have a few training stories per theme.
 CARD_PROBE_STORIES = 2000

@@ -57,7 +57,7 @@ def exponential_noise(logits: Float[Tensor, "batch d_vocab"], temperature: float
 
 
 def choose(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, top_p: float | None,
-           noise: Float[Tensor, "batch candidates"] | None) -> tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]:
+           noise: Float[Tensor, "batch candidates"] | None) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]:
     """One token per row, and its log-probability under the model (temperature 1, before top-k/top-p).
 
     Temperature 0 is greedy; top-k keeps the k most likely tokens; top-p the smallest set whose probability reaches
@@ -85,7 +85,7 @@ def choose(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: in
 
 
 def sample_tokens(logits: Float[Tensor, "batch d_vocab"], temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> Int[Tensor, "batch"]:
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> Int[Tensor, " batch"]:
     """One token per row, as `choose` picks it, with noise drawn from `generator`."""
     return choose(logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator))[0]
 
@@ -108,7 +108,7 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, m
 
 def decode_step(model: HookedLlama, tokens: Int[Tensor, "batch 1"], cache: KVCache, temperature: float,
                 top_k: int | None, top_p: float | None,
-                noise: Tensor | None) -> tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]:
+                noise: Tensor | None) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]:
     """Feed each row's newest token and choose the next one."""
     return choose(model(tokens, past_kv_cache=cache)[:, -1], temperature, top_k, top_p, noise)
 
@@ -131,7 +131,7 @@ def step_function(model: HookedLlama, compile: bool) -> Callable[..., tuple[Tens
 def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
            *, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None, eos: int | None = None,
-           compile: bool = False) -> Iterator[tuple[Int[Tensor, "batch"], Float[Tensor, "batch"]]]:
+           compile: bool = False) -> Iterator[tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]]:
     """Yield each step's new tokens and their log-probabilities. Rows are left-padded prompts (`attention_mask`
     0 at padding). A row that produced `eos` keeps producing it; the stream ends when every row has."""
     check_settings(temperature, top_k, top_p, max_new_tokens)

@@ -33,7 +33,7 @@ class LogitLens:
 
 
 @torch.inference_mode()
-def logit_lens(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int = 5, cache: ActivationCache | None = None) -> LogitLens:
+def logit_lens(model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 5, cache: ActivationCache | None = None) -> LogitLens:
     """What each layer's residual stream would predict if the model stopped there. The final norm is applied
     afresh to each residual (its own RMS), so the last row equals the model's real output."""
     if cache is None:
@@ -58,7 +58,7 @@ def first_token_scores(pattern: Float[Tensor, "layer head q_pos k_pos"]) -> Floa
     return pattern[..., 0].mean(-1)
 
 
-def induction_scores(pattern: Float[Tensor, "layer head q_pos k_pos"], tokens: Int[Tensor, "pos"]) -> Float[Tensor, "layer head"]:
+def induction_scores(pattern: Float[Tensor, "layer head q_pos k_pos"], tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer head"]:
     """Mean attention from a token that occurred before to the token that followed its previous occurrence
     (A B ... A -> B); zero where no token repeats."""
     targets = induction_targets(tokens)
@@ -69,7 +69,7 @@ def induction_scores(pattern: Float[Tensor, "layer head q_pos k_pos"], tokens: I
     return pattern[..., rows, cols].mean(-1)
 
 
-def induction_targets(tokens: Int[Tensor, "pos"]) -> list[int | None]:
+def induction_targets(tokens: Int[Tensor, " pos"]) -> list[int | None]:
     """For each position, the position after the previous occurrence of its token (None if it has none or if
     that would be the position itself)."""
     last: dict[int, int] = {}
@@ -82,7 +82,7 @@ def induction_targets(tokens: Int[Tensor, "pos"]) -> list[int | None]:
 
 
 @torch.inference_mode()
-def head_summaries(model: HookedLlama, tokens: Int[Tensor, "pos"],
+def head_summaries(model: HookedLlama, tokens: Int[Tensor, " pos"],
                    cache: ActivationCache | None = None) -> dict[str, Float[Tensor, "layer head"]]:
     """Previous-token, first-token and induction scores of every head on this prompt."""
     if cache is None:
@@ -110,13 +110,13 @@ class TokenProbabilities:
     """For each position p >= 1 of a sequence: the probability the model gave the token at p (from position
     p - 1), and its top-k alternatives there."""
 
-    probs: Float[Tensor, "pos_minus_1"]
+    probs: Float[Tensor, " pos_minus_1"]
     top_tokens: Int[Tensor, "pos_minus_1 k"]
     top_probs: Float[Tensor, "pos_minus_1 k"]
 
 
 @torch.inference_mode()
-def token_probabilities(model: HookedLlama, tokens: Int[Tensor, "pos"], k: int = 10,
+def token_probabilities(model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 10,
                         logits: Float[Tensor, "pos d_vocab"] | None = None) -> TokenProbabilities:
     """`logits`: the model's output on `tokens` where a forward already made them (saves running it again)."""
     if logits is None:

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
-from torch import Tensor
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
+from torch import Tensor
 from tqdm import tqdm  # text bars: notebooks need no ipywidgets
 
 from .config import DEFAULT_PROBE_HOOKS as DEFAULT_HOOKS
@@ -172,7 +172,7 @@ def split(labels: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     return train, val, test
 
 
-def logistic_regression(x: Float[Tensor, "n feature"], y: Int[Tensor, "n"], n_classes: int, C: float,
+def logistic_regression(x: Float[Tensor, "n feature"], y: Int[Tensor, " n"], n_classes: int, C: float,
                         init: Float[Tensor, "feature_plus_1 class"] | None = None,
                         max_iter: int = 200) -> Float[Tensor, "feature_plus_1 class"]:
     """Multinomial logistic regression with an intercept (the last row), minimising scikit-learn's objective
@@ -193,7 +193,7 @@ def logistic_regression(x: Float[Tensor, "n feature"], y: Int[Tensor, "n"], n_cl
     return w.detach()
 
 
-def predict(w: Float[Tensor, "feature_plus_1 class"], x: Float[Tensor, "n feature"]) -> Int[Tensor, "n"]:
+def predict(w: Float[Tensor, "feature_plus_1 class"], x: Float[Tensor, "n feature"]) -> Int[Tensor, " n"]:
     return (x @ w[:-1] + w[-1]).argmax(-1)
 
 

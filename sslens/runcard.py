@@ -166,7 +166,7 @@ def stories_loss(model: HookedLlama, stories: Sequence[str], batch_size: int = 1
     return total / count, count
 
 
-def name_first_tokens(model: HookedLlama) -> Int[Tensor, "n"]:
+def name_first_tokens(model: HookedLlama) -> Int[Tensor, " n"]:
     """The distinct first tokens of every name the embedded corpus's generator can give a hero or friend."""
     ids = encode_batch(model.tokenizer, list(synth.all_names()), eos=False)
     return torch.tensor(sorted({row[0] for row in ids}))
@@ -218,7 +218,7 @@ def name_copying(model: HookedLlama, stories: datasets.Dataset, batch_size: int 
     return counter.fraction, counter.total
 
 
-def picks_the_name(logits: Float[Tensor, "d_vocab"], name: int, candidates: Int[Tensor, "n"]) -> bool:
+def picks_the_name(logits: Float[Tensor, " d_vocab"], name: int, candidates: Int[Tensor, " n"]) -> bool:
     others = candidates[candidates != name]
     return bool(others.numel() == 0 or logits[name] > logits[others].max())
 

@@ -32,8 +32,18 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import (checkpoint_steps, load_run_model, load_trainer_state, read_metrics, read_run_config,
-                         read_split, save_checkpoint, saved_steps, write_run_config, write_split)
+from .checkpoint import (
+    checkpoint_steps,
+    load_run_model,
+    load_trainer_state,
+    read_metrics,
+    read_run_config,
+    read_split,
+    save_checkpoint,
+    saved_steps,
+    write_run_config,
+    write_split,
+)
 from .config import ModelConfig, TrainConfig
 from .data import Batches, Split, tokenize, train_val
 from .errors import Interrupted, SSLensError
@@ -42,7 +52,6 @@ from .flops import flops_per_token, peak_flops
 from .model import HookedLlama
 from .runlock import RunLock
 from .tokenizer import encode, load_tokenizer, save_tokenizer, train_tokenizer
-
 
 SAMPLE_PROMPT = "Once upon a time"
 LAGGED_DEVICES = ("cuda",)  # where a step's loss and gradient norm are read during the next step (see `train`)

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import checkpoint_dir, find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
+
+from conftest import free_port
 
 pytest.importorskip("streamlit", reason="the explorer needs the app extra: pip install -e '.[app]'")
 from streamlit.testing.v1 import AppTest  # noqa: E402

@@ -10,11 +10,12 @@ import time
 
 import pytest
 import torch
-from conftest import random_tokens
 
 from sslens import SSLensError, load_model
 from sslens.generate import left_pad, sample_tokens, step_function, stream
 from sslens.model import KVCache
+
+from conftest import random_tokens
 
 PROMPTS = ["once upon a time", "the little dog ran to the big tree and", "mia", "a storm came over the hills"]
 

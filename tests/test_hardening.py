@@ -16,15 +16,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
+from test_data import BAD_FILES, write_bad_data_files
 
 from sslens import HookedLlama
 from sslens.cli import main
-from sslens.config import ConfigError, load_config, load_train_config, parse_overrides, settable_fields
-from sslens.config import TrainConfig
+from sslens.config import ConfigError, TrainConfig, load_config, load_train_config, parse_overrides, settable_fields
 from sslens.errors import SSLensError
 from sslens.tokenizer import placeholder_tokenizer, save_tokenizer
-
-from test_data import BAD_FILES, write_bad_data_files
 
 TINY = ["--n_layers=1", "--d_model=32", "--n_heads=2", "--n_key_value_heads=1", "--d_mlp=64", "--d_vocab=512",
         "--n_ctx=32", "--batch_size=2", "--max_steps=2", "--data=synth:300", "--compile=False"]
@@ -318,7 +316,7 @@ def test_the_console_command_agrees_on_the_size_cases(sized):
 
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(run, [case(sized) for case, _ in SIZE_CASES]))
-    for (case, words), (r, seconds) in zip(SIZE_CASES, results):
+    for (_, words), (r, seconds) in zip(SIZE_CASES, results):
         assert r.returncode == 2 and r.stderr.startswith("sslens: error: ") and r.stderr.count("\n") == 1, r.stderr
         assert words in r.stderr and "Traceback" not in r.stderr and seconds < 60, (r.stderr, seconds)
     assert not sized["out"].exists()

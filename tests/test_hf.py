@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_config import ARCH
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -12,7 +13,6 @@ from sslens import ConfigError, HookedLlama, SSLensError, load_model
 from sslens.tokenizer import placeholder_tokenizer
 
 from conftest import PRESETS, assert_column_major, random_tokens, shared_file
-from test_config import ARCH
 
 
 def hf_reference(name: str) -> LlamaForCausalLM:
@@ -95,7 +95,7 @@ def test_transformer_bridge_sees_the_same_activations(name, tmp_path):
         assert a.shape == b.shape, key
         if key.endswith("hook_attn_scores"):  # masked entries: -inf here, the float minimum in HF eager
             a, b = a[..., causal], b[..., causal]
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m: f"{key}: {m}")  # noqa: B023 (called at once)
 
 
 def test_official_tokenizer_is_exported_and_reloaded(tmp_path):

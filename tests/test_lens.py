@@ -1,9 +1,18 @@
 import pytest
 import torch
-from conftest import random_tokens
 
-from sslens.lens import (first_token_scores, head_summaries, induction_scores, induction_targets, logit_lens,
-                         previous_token_scores, repeated_tokens_induction_scores, token_probabilities)
+from sslens.lens import (
+    first_token_scores,
+    head_summaries,
+    induction_scores,
+    induction_targets,
+    logit_lens,
+    previous_token_scores,
+    repeated_tokens_induction_scores,
+    token_probabilities,
+)
+
+from conftest import random_tokens
 
 
 def test_logit_lens_ends_at_the_model_output_and_starts_at_the_embedding(small_model):

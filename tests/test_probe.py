@@ -14,8 +14,21 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 
 from sslens import SSLensError, load_model
-from sslens.probe import (C_GRID, accuracy_figure, control_labels, fit, harvest, load_labelled, logistic_regression,
-                          probe_features, probe_steps, resolve_hooks, split, story_tokens, story_type)
+from sslens.probe import (
+    C_GRID,
+    accuracy_figure,
+    control_labels,
+    fit,
+    harvest,
+    load_labelled,
+    logistic_regression,
+    probe_features,
+    probe_steps,
+    resolve_hooks,
+    split,
+    story_tokens,
+    story_type,
+)
 
 
 def sslens(*args, **kwargs):

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import free_port
 from test_train import TINY, metrics, tiny, write_tokenizer
 
 from sslens import SSLensError, load_model
@@ -21,6 +20,8 @@ from sslens.checkpoint import read_metrics, read_split, saved_steps
 from sslens.data import load_stories, tokenize, train_val, validation_stories
 from sslens.tokenizer import load_tokenizer
 from sslens.train import train
+
+from conftest import free_port
 
 
 @pytest.fixture

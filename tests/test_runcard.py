@@ -16,8 +16,15 @@ from sslens.cli import main
 from sslens.config import DEFAULT_PROBE_HOOKS
 from sslens.data import validation_stories
 from sslens.probe import probe
-from sslens.runcard import (RunCard, eval_stories, name_copying, name_mentions, picks_the_name, stories_loss,
-                            story_measures)
+from sslens.runcard import (
+    RunCard,
+    eval_stories,
+    name_copying,
+    name_mentions,
+    picks_the_name,
+    stories_loss,
+    story_measures,
+)
 from sslens.tokenizer import encode, simplestories_pipeline
 
 PROBE = 240  # stories for name copying and the probe in these tests

@@ -5,8 +5,18 @@ import tokenizers
 from tokenizers.models import WordPiece
 
 from sslens import SSLensError
-from sslens.tokenizer import (EOS, UNK, alphabet_size, encode, encode_batch, load_tokenizer, placeholder_tokenizer,
-                              save_tokenizer, simplestories_pipeline, train_tokenizer)
+from sslens.tokenizer import (
+    EOS,
+    UNK,
+    alphabet_size,
+    encode,
+    encode_batch,
+    load_tokenizer,
+    placeholder_tokenizer,
+    save_tokenizer,
+    simplestories_pipeline,
+    train_tokenizer,
+)
 
 from conftest import shared_file
 

@@ -9,13 +9,14 @@ import time
 
 import pytest
 import torch
-from conftest import assert_column_major, free_port
 from safetensors.torch import load_file
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import checkpoint_dir, checkpoint_steps, saved_steps
 from sslens.config import load_train_config
 from sslens.train import lr_at, train
+
+from conftest import assert_column_major, free_port
 
 TINY = ["--n_layers=2", "--d_model=64", "--n_heads=4", "--d_mlp=170", "--n_ctx=32", "--batch_size=4",
         "--warmup_steps=3", "--val_every=10", "--log_every=1", "--data=synth:400", "--dtype=float32"]
