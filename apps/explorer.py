@@ -51,11 +51,26 @@ def model_at(path: str, step: int | None):
 
 
 @st.cache_data(max_entries=64, show_spinner="Running the model ...")
-def analyse(path: str, step: int | None, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-            top_p: float, seed: int) -> Exploration:
+def analyse(
+    path: str,
+    step: int | None,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+) -> Exploration:
     """Everything the three panels show (see sslens.lens.explore)."""
-    return explore(model_at(path, step), prompt, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                   top_p=top_p if top_p < 1 else None, seed=seed)
+    return explore(
+        model_at(path, step),
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p if top_p < 1 else None,
+        seed=seed,
+    )
 
 
 def spaced(token: str) -> tuple[str, str]:
@@ -79,8 +94,9 @@ def position_window(n: int) -> slice:
     picks, at first the last WINDOW (the slider is keyed by `n`, so a new length starts from that default)."""
     if n <= WINDOW:
         return slice(0, n)
-    first, last = st.slider("Positions shown in the attention and logit-lens maps", 0, n - 1, (n - WINDOW, n - 1),
-                            key=f"window:{n}")
+    first, last = st.slider(
+        "Positions shown in the attention and logit-lens maps", 0, n - 1, (n - WINDOW, n - 1), key=f"window:{n}"
+    )
     return slice(first, last + 1)
 
 
@@ -92,16 +108,29 @@ def cell_text(shown: slice) -> str:
 
 def generation_panel(result: Exploration, key: str) -> None:
     st.subheader("Generation")
-    spans = [f"{spaced(t)[0]}<span title='p={p:.3f}' style='background: rgba(46, 139, 87, {p:.2f})'>"
-             f"{html.escape(spaced(t)[1])}</span>" for t, p in zip(result.new_tokens, result.new_probs)]
+    spans = [
+        f"{spaced(t)[0]}<span title='p={p:.3f}' style='background: rgba(46, 139, 87, {p:.2f})'>"
+        f"{html.escape(spaced(t)[1])}</span>"
+        for t, p in zip(result.new_tokens, result.new_probs)
+    ]
     prompt = "".join(space + html.escape(text) for space, text in map(spaced, result.prompt_tokens)).strip()
     st.markdown(f"**{prompt}**" + "".join(spans), unsafe_allow_html=True)
     st.caption("Each new token is shaded by the probability the model gave it (darker = more likely).")
     if result.new_tokens:
-        choice = st.selectbox("Token", range(len(result.new_tokens)), key=f"token:{key}",
-                              format_func=lambda i: f"{i + 1}: {result.new_tokens[i]} (p={result.new_probs[i]:.3f})")
-        st.table([{"token": t, "probability": round(p, 4)} for t, p in result.alternatives[choice]],
-                 hide_index=True)  # plain HTML (a dataframe is a canvas), so a browser test can read it
+        choice = st.selectbox(
+            "Token",
+            range(len(result.new_tokens)),
+            key=f"token:{key}",
+            format_func=lambda i: f"{i + 1}: {result.new_tokens[i]} (p={result.new_probs[i]:.3f})",
+        )
+        st.table(
+            [{"token": t, "probability": round(p, 4)} for t, p in result.alternatives[choice]], hide_index=True
+        )  # plain HTML (a dataframe is a canvas), so a browser test can read it
+
+
+def pattern_heatmap(z, labels: list[str], **style) -> go.Heatmap:
+    """An attention pattern, queries down and keys across, on a 0-1 scale."""
+    return go.Heatmap(z=z, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1, **style)
 
 
 def attention_panel(result: Exploration, shown: slice) -> None:
@@ -110,29 +139,51 @@ def attention_panel(result: Exploration, shown: slice) -> None:
     labels = position_labels(result)[shown]
     layer = st.selectbox("Layer", range(pattern.shape[0]), key="layer")
     head = st.selectbox("Head", range(pattern.shape[1]), key="head")
-    fig = go.Figure(go.Heatmap(z=pattern[layer, head], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
-                               hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"))
-    fig.update_layout(title=f"L{layer}H{head}", yaxis_autorange="reversed", height=480, margin=dict(t=40, b=0),
-                      xaxis_title="key (the position attended to)", yaxis_title="query (the position attending)")
+    hover = "query %{y}<br>key %{x}<br>attention %{z:.3f}<extra></extra>"
+    fig = go.Figure(pattern_heatmap(pattern[layer, head], labels, hovertemplate=hover))
+    fig.update_layout(
+        title=f"L{layer}H{head}",
+        yaxis_autorange="reversed",
+        height=480,
+        margin=dict(t=40, b=0),
+        xaxis_title="key (the position attended to)",
+        yaxis_title="query (the position attending)",
+    )
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="pattern")
-    n_heads = pattern.shape[1]
+    heads_grid(pattern[layer], layer, labels)
+    head_scores(result)
+
+
+def heads_grid(pattern, layer: int, labels: list[str]) -> None:
+    """Every head of one layer side by side, small."""
+    n_heads = pattern.shape[0]
     grid = make_subplots(rows=1, cols=n_heads, subplot_titles=[f"H{h}" for h in range(n_heads)])
+    hover = "query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"
     for h in range(n_heads):
-        grid.add_trace(go.Heatmap(z=pattern[layer, h], x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
-                                  showscale=False, hovertemplate="query %{y}<br>key %{x}<br>%{z:.3f}<extra></extra>"),
-                       1, h + 1)
+        grid.add_trace(pattern_heatmap(pattern[h], labels, showscale=False, hovertemplate=hover), 1, h + 1)
     grid.update_yaxes(autorange="reversed", showticklabels=False)
     grid.update_xaxes(showticklabels=False, title_text="key")
     grid.update_yaxes(title_text="query", col=1)
-    grid.update_layout(title=f"every head of layer {layer} (tokens {labels[0]} .. {labels[-1]})", height=260,
-                       margin=dict(t=60, b=0))
+    grid.update_layout(
+        title=f"every head of layer {layer} (tokens {labels[0]} .. {labels[-1]})", height=260, margin=dict(t=60, b=0)
+    )
     st.plotly_chart(grid, width="stretch", config=PLOT_CONFIG, key="grid")
+
+
+def head_scores(result: Exploration) -> None:
     summary = st.selectbox("Head scores", list(result.heads), key="summary")
     scores = result.heads[summary]
-    fig = go.Figure(go.Heatmap(z=scores, x=[f"H{h}" for h in range(scores.shape[1])],
-                               y=[f"L{l}" for l in range(scores.shape[0])], colorscale="Viridis"))
-    fig.update_layout(yaxis_autorange="reversed", height=260, margin=dict(t=10, b=0), xaxis_title="head",
-                      yaxis_title="layer")
+    fig = go.Figure(
+        go.Heatmap(
+            z=scores,
+            x=[f"H{h}" for h in range(scores.shape[1])],
+            y=[f"L{l}" for l in range(scores.shape[0])],
+            colorscale="Viridis",
+        )
+    )
+    fig.update_layout(
+        yaxis_autorange="reversed", height=260, margin=dict(t=10, b=0), xaxis_title="head", yaxis_title="layer"
+    )
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="summary_plot")
 
 
@@ -141,25 +192,56 @@ def logit_lens_panel(result: Exploration, shown: slice) -> None:
     st.subheader("Logit lens")
     positions = position_labels(result)
     top = [row[shown] for row in result.lens_top_tokens]
-    hover = [[", ".join(f"{t} {p:.2f}" for t, p in zip(ks, ps)) for ks, ps in zip(row, probs)]
-             for row, probs in zip(top, result.lens_top_probs[:, shown])]
-    fig = go.Figure(go.Heatmap(z=result.lens_top_probs[:, shown, 0], x=positions[shown], y=result.lens_labels,
-                               text=[[ks[0] for ks in row] for row in top], texttemplate=cell_text(shown),
-                               textfont_size=CELL_FONT,
-                               customdata=hover, hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
-                               colorscale="Oranges", zmin=0, zmax=1))
-    fig.update_layout(title="top-1 probability (text: top-1 token)", height=380, margin=dict(t=40, b=0),
-                      xaxis_title="position (* = generated by the model)", yaxis_title="residual stream read")
+    hover = [
+        [", ".join(f"{t} {p:.2f}" for t, p in zip(ks, ps)) for ks, ps in zip(row, probs)]
+        for row, probs in zip(top, result.lens_top_probs[:, shown])
+    ]
+    fig = go.Figure(
+        go.Heatmap(
+            z=result.lens_top_probs[:, shown, 0],
+            x=positions[shown],
+            y=result.lens_labels,
+            text=[[ks[0] for ks in row] for row in top],
+            texttemplate=cell_text(shown),
+            textfont_size=CELL_FONT,
+            customdata=hover,
+            hovertemplate="%{y} @ %{x}<br>%{customdata}<extra></extra>",
+            colorscale="Oranges",
+            zmin=0,
+            zmax=1,
+        )
+    )
+    fig.update_layout(
+        title="top-1 probability (text: top-1 token)",
+        height=380,
+        margin=dict(t=40, b=0),
+        xaxis_title="position (* = generated by the model)",
+        yaxis_title="residual stream read",
+    )
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="lens")
     targets = slice(shown.start, min(shown.stop, len(positions) - 1))  # the last position has no next token
     if targets.stop > targets.start:
-        fig = go.Figure(go.Heatmap(z=result.lens_target_probs[:, targets], x=positions[1:][targets],
-                                   y=result.lens_labels, text=result.lens_target_ranks[:, targets],
-                                   texttemplate=cell_text(targets), textfont_size=CELL_FONT, colorscale="Greens",
-                                   zmin=0, zmax=1,
-                                   hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>"))
-        fig.update_layout(title="the actual next token: probability (text: rank)", height=380, margin=dict(t=40, b=0),
-                          xaxis_title="the next token (* = generated by the model)", yaxis_title="residual stream read")
+        fig = go.Figure(
+            go.Heatmap(
+                z=result.lens_target_probs[:, targets],
+                x=positions[1:][targets],
+                y=result.lens_labels,
+                text=result.lens_target_ranks[:, targets],
+                texttemplate=cell_text(targets),
+                textfont_size=CELL_FONT,
+                colorscale="Greens",
+                zmin=0,
+                zmax=1,
+                hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title="the actual next token: probability (text: rank)",
+            height=380,
+            margin=dict(t=40, b=0),
+            xaxis_title="the next token (* = generated by the model)",
+            yaxis_title="residual stream read",
+        )
         st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
 
 
@@ -192,12 +274,15 @@ def main() -> None:
     st.sidebar.markdown(SIDEBAR_CSS, unsafe_allow_html=True)  # the checkpoint slider's end labels overlapped the Prompt
     names = (find_models(root) if root.is_dir() else []) + [HUB + h for h in hub]
     if not names:
-        st.info(f"No runs under {root}. Train one (`sslens train 5M --data=synth ...`) or point the explorer at a "
-                "directory of runs: `streamlit run apps/explorer.py -- --runs DIR` or SSLENS_RUNS=DIR; add published "
-                "models with `-- --hub SimpleStories/SimpleStories-5M` or SSLENS_HUB.")
+        st.info(
+            f"No runs under {root}. Train one (`sslens train 5M --data=synth ...`) or point the explorer at a "
+            "directory of runs: `streamlit run apps/explorer.py -- --runs DIR` or SSLENS_RUNS=DIR; add published "
+            "models with `-- --hub SimpleStories/SimpleStories-5M` or SSLENS_HUB."
+        )
         return
-    name = st.sidebar.selectbox("Run", names, key="run",
-                                format_func=lambda n: f"{n.removeprefix(HUB)} (hub)" if n.startswith(HUB) else n)
+    name = st.sidebar.selectbox(
+        "Run", names, key="run", format_func=lambda n: f"{n.removeprefix(HUB)} (hub)" if n.startswith(HUB) else n
+    )
     try:
         path, steps, seen = open_model(root, name)
     except (SSLensError, OSError) as e:
@@ -205,8 +290,9 @@ def main() -> None:
         return
     step = None
     if len(steps) > 1:
-        step = st.sidebar.select_slider("Checkpoint", options=steps, value=steps[-1], key="step",
-                                        format_func=lambda s: step_label(s, seen))
+        step = st.sidebar.select_slider(
+            "Checkpoint", options=steps, value=steps[-1], key="step", format_func=lambda s: step_label(s, seen)
+        )
         st.sidebar.caption(f"from {step_label(steps[0], seen)} to {step_label(steps[-1], seen)}")
     elif steps:
         step = steps[0]
@@ -220,8 +306,9 @@ def main() -> None:
         model_at(str(path), step)
     except Exception as e:  # the files are input: whatever their loader raises is a message on the page, not a crash
         first_line = str(e).partition("\n")[0][:200]
-        st.error(str(e) if isinstance(e, SSLensError) else
-                 f"{name} could not be loaded ({type(e).__name__}: {first_line})")
+        st.error(
+            str(e) if isinstance(e, SSLensError) else f"{name} could not be loaded ({type(e).__name__}: {first_line})"
+        )
         return
     if not prompt.strip():
         st.info("Type a prompt in the sidebar.")

@@ -10,8 +10,13 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "HookedLlama": "model", "ModelConfig": "config", "load_config": "config", "preset_names": "config",
-    "load_model": "checkpoint", "ConfigError": "errors", "SSLensError": "errors",
+    "HookedLlama": "model",
+    "ModelConfig": "config",
+    "load_config": "config",
+    "preset_names": "config",
+    "load_model": "checkpoint",
+    "ConfigError": "errors",
+    "SSLensError": "errors",
 }
 __all__ = list(_EXPORTS)
 

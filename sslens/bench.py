@@ -59,11 +59,18 @@ def interleaved(ours: Callable[[], object], peer: Callable[[], object], reps: in
     return t_ours, t_peer
 
 
-def compare(name: str, ours: Callable, peer_name: str, peer: Callable, tokens: int, reps: int,
-            goal: float | None) -> Row:
+def compare(
+    name: str, ours: Callable, peer_name: str, peer: Callable, tokens: int, reps: int, goal: float | None
+) -> Row:
     t_ours, t_peer = interleaved(ours, peer, reps)
-    return Row(name, tokens / statistics.median(t_ours), peer_name, tokens / statistics.median(t_peer),
-               statistics.median(p / o for o, p in zip(t_ours, t_peer)), goal)
+    return Row(
+        name,
+        tokens / statistics.median(t_ours),
+        peer_name,
+        tokens / statistics.median(t_peer),
+        statistics.median(p / o for o, p in zip(t_ours, t_peer)),
+        goal,
+    )
 
 
 def attempt(name: str, peer: str, goal: float | None, measure: Callable[[], Row]) -> Row:
@@ -73,7 +80,15 @@ def attempt(name: str, peer: str, goal: float | None, measure: Callable[[], Row]
         return measure()
     except Exception as e:  # reported in the row and the table, not swallowed
         nan = float("nan")
-        return Row(name, nan, peer, nan, nan, goal, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160])
+        return Row(
+            name,
+            nan,
+            peer,
+            nan,
+            nan,
+            goal,
+            error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160],
+        )
 
 
 def hf_twin(model: HookedLlama) -> LlamaForCausalLM:
@@ -94,20 +109,43 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
 
         def forward() -> Row:
             hf = LlamaForCausalLM.from_pretrained(export).eval().to(device)
-            return compare("forward_nohooks_vs_hf", lambda: model(tokens), "HF LlamaForCausalLM (sdpa)",
-                           lambda: hf(tokens).logits, n, reps, goal=1.0)
+            return compare(
+                "forward_nohooks_vs_hf",
+                lambda: model(tokens),
+                "HF LlamaForCausalLM (sdpa)",
+                lambda: hf(tokens).logits,
+                n,
+                reps,
+                goal=1.0,
+            )
 
         def cache() -> Row:
             bridge = TransformerBridge.boot_transformers(export, device=device)
-            return compare("cache_vs_tl_bridge", lambda: model.run_with_cache(tokens), "TransformerBridge.run_with_cache",
-                           lambda: bridge.run_with_cache(tokens), n, reps, goal=2.0)
+            return compare(
+                "cache_vs_tl_bridge",
+                lambda: model.run_with_cache(tokens),
+                "TransformerBridge.run_with_cache",
+                lambda: bridge.run_with_cache(tokens),
+                n,
+                reps,
+                goal=2.0,
+            )
 
-        return [attempt("forward_nohooks_vs_hf", "HF LlamaForCausalLM (sdpa)", 1.0, forward),
-                attempt("cache_vs_tl_bridge", "TransformerBridge.run_with_cache", 2.0, cache)]
+        return [
+            attempt("forward_nohooks_vs_hf", "HF LlamaForCausalLM (sdpa)", 1.0, forward),
+            attempt("cache_vs_tl_bridge", "TransformerBridge.run_with_cache", 2.0, cache),
+        ]
 
 
-def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_tokens: int = 200, top_k: int = 40,
-                   reps: int = 3, compiled: tuple[bool, ...] = (False, True), device: str = "cpu") -> list[Row]:
+def bench_generate(
+    preset: str = "5M",
+    batches: tuple[int, ...] = (1, 8),
+    new_tokens: int = 200,
+    top_k: int = 40,
+    reps: int = 3,
+    compiled: tuple[bool, ...] = (False, True),
+    device: str = "cpu",
+) -> list[Row]:
     """Sampling (top-k, temperature 1, no early stop) from a 16-token prompt against HF `generate`, same weights:
     sslens eager and with `compile=True` (compiled once before timing; HF stays eager, its default)."""
     from .generate import generate
@@ -120,16 +158,38 @@ def bench_generate(preset: str = "5M", batches: tuple[int, ...] = (1, 8), new_to
         for compile_ in compiled:
             name = f"generate_b{batch}{'_compiled' if compile_ else ''}_vs_hf"
             peer, goal = "HF generate (KV cache, top-k)", 4.0 if batch == 1 and compile_ else None
-            rows.append(attempt(name, peer, goal, lambda: compare(
-                name, lambda: generate(model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False, compile=compile_),
-                peer, lambda: hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True,
-                                          top_k=top_k, eos_token_id=None, pad_token_id=0),
-                batch * new_tokens, reps, goal)))
+            rows.append(
+                attempt(
+                    name,
+                    peer,
+                    goal,
+                    lambda: compare(
+                        name,
+                        lambda: generate(
+                            model, prompt.tolist(), new_tokens, top_k=top_k, stop_at_eos=False, compile=compile_
+                        ),
+                        peer,
+                        lambda: hf.generate(
+                            prompt,
+                            max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens,
+                            do_sample=True,
+                            top_k=top_k,
+                            eos_token_id=None,
+                            pad_token_id=0,
+                        ),
+                        batch * new_tokens,
+                        reps,
+                        goal,
+                    ),
+                )
+            )
     return rows
 
 
-def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int | None = None, reps: int = 5,
-                   device: str = "cpu") -> dict:
+def bench_explorer(
+    preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: int | None = None, reps: int = 5, device: str = "cpu"
+) -> dict:
     """Milliseconds of the explorer's model work for one prompt (`sslens.lens.explore`: greedy continuation, cached
     run, logit lens, head scores, token probabilities) with the app's default continuation, median of `reps` after a
     warm-up; and without generation."""
@@ -148,19 +208,36 @@ def bench_explorer(preset: str = "5M", prompt_tokens: int = 64, max_new_tokens: 
             start = time.perf_counter()
             explore(model, prompt, new, temperature=0)
             times.append(time.perf_counter() - start)
-        result[name] = {"ms": 1000 * statistics.median(times), "goal_ms": 300.0 if new else None,
-                        "prompt_tokens": prompt_tokens, "new_tokens": new}
+        result[name] = {
+            "ms": 1000 * statistics.median(times),
+            "goal_ms": 300.0 if new else None,
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new,
+        }
     return result
 
 
 def format_explorer(result: dict) -> str:
-    return "\n".join(f"{name:<34}{r['ms']:>10,.0f} ms  ({r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens"
-                     + (f"; goal <= {r['goal_ms']:.0f} ms [{'ok' if r['ms'] <= r['goal_ms'] else 'MISSED'}])" if r["goal_ms"] else ")")
-                     for name, r in result.items())
+    return "\n".join(
+        f"{name:<34}{r['ms']:>10,.0f} ms  ({r['prompt_tokens']}-token prompt, {r['new_tokens']} new tokens"
+        + (
+            f"; goal <= {r['goal_ms']:.0f} ms [{'ok' if r['ms'] <= r['goal_ms'] else 'MISSED'}])"
+            if r["goal_ms"]
+            else ")"
+        )
+        for name, r in result.items()
+    )
 
 
-def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int = 3, fit_stories: int = 2000,
-                classes: int = 48, device: str = "cpu") -> tuple[list[Row], dict]:
+def bench_probe(
+    preset: str = "5M",
+    stories: int = 64,
+    seq: int = 512,
+    reps: int = 3,
+    fit_stories: int = 2000,
+    classes: int = 48,
+    device: str = "cpu",
+) -> tuple[list[Row], dict]:
     """The probes' activation harvest with one hook in names_filter against caching every activation (then pooling
     the same hook), on random-token stories; and the seconds to fit one hook's probe and control (all C values) on
     d_model-wide features of partly separable classes."""
@@ -174,23 +251,39 @@ def bench_probe(preset: str = "5M", stories: int = 64, seq: int = 512, reps: int
     def full_cache() -> None:
         with torch.inference_mode():
             for start in range(0, stories, 32):
-                _, cache = model.run_with_cache(torch.tensor(tokens[start:start + 32], device=device))
+                _, cache = model.run_with_cache(torch.tensor(tokens[start : start + 32], device=device))
                 cache[hook].mean(1)
 
-    rows = [compare("harvest_one_hook_vs_full_cache", lambda: harvest(model, tokens, [hook]),
-                    "run_with_cache, every hook", full_cache, stories * seq, reps, goal=None)]
+    rows = [
+        compare(
+            "harvest_one_hook_vs_full_cache",
+            lambda: harvest(model, tokens, [hook]),
+            "run_with_cache, every hook",
+            full_cache,
+            stories * seq,
+            reps,
+            goal=None,
+        )
+    ]
     y = torch.randint(0, classes, (fit_stories,), generator=gen)  # partly separable classes, as real labels are
     centres = 0.3 * torch.randn(classes, model.cfg.d_model, generator=gen)
     features = {hook: (centres[y] + torch.randn(fit_stories, model.cfg.d_model, generator=gen)).numpy()}
     labels = [str(i) for i in y.tolist()]
     story_texts = [f"w{i % 200} story" for i in range(fit_stories)]
     result = probe_features(features, story_texts, labels)[0]
-    return rows, {"probe_fit_s_per_hook": {"s": result.fit_s, "stories": fit_stories, "classes": classes,
-                                            "features": model.cfg.d_model}}
+    return rows, {
+        "probe_fit_s_per_hook": {
+            "s": result.fit_s,
+            "stories": fit_stories,
+            "classes": classes,
+            "features": model.cfg.d_model,
+        }
+    }
 
 
-def _train_steps(model: torch.nn.Module, loss_of: Callable, x: torch.Tensor, y: torch.Tensor,
-                 amp: torch.dtype | None, steps: int) -> Callable[[], None]:
+def _train_steps(
+    model: torch.nn.Module, loss_of: Callable, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None, steps: int
+) -> Callable[[], None]:
     """`steps` full training steps (forward, loss, backward, AdamW step) back to back, as the trainer runs them."""
     optimizer = adamw(model, 1e-4, (0.9, 0.95), 0.1)
 
@@ -205,9 +298,15 @@ def _train_steps(model: torch.nn.Module, loss_of: Callable, x: torch.Tensor, y: 
     return run
 
 
-def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq: int = 512, reps: int = 3,
-                dtypes: tuple[torch.dtype, ...] = (torch.float32,), compiled: tuple[bool, ...] = (False, True),
-                device: str = "cpu") -> list[Row]:
+def bench_train(
+    presets: tuple[str, ...] = ("1.25M", "5M"),
+    batch: int = 8,
+    seq: int = 512,
+    reps: int = 3,
+    dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+    compiled: tuple[bool, ...] = (False, True),
+    device: str = "cpu",
+) -> list[Row]:
     """Training steps against a training loop of HF LlamaForCausalLM with the same weights, batch and dtype; sslens
     eager and, as its trainer runs by default, torch.compiled (the peer stays eager, as HF's Trainer runs).
 
@@ -224,22 +323,35 @@ def bench_train(presets: tuple[str, ...] = ("1.25M", "5M"), batch: int = 8, seq:
     return rows
 
 
-def _train_row(preset: str, dtype: torch.dtype, compile_: bool, batch: int, seq: int, reps: int, steps: int,
-               device: str) -> Row:
+def _train_row(
+    preset: str, dtype: torch.dtype, compile_: bool, batch: int, seq: int, reps: int, steps: int, device: str
+) -> Row:
     model = HookedLlama.from_preset(preset, seed=0).train()
     hf = hf_twin(model).train().to(device)
     model.to(device)
-    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     x, y = tokens[:, :-1], tokens[:, 1:]
     amp = None if dtype == torch.float32 else dtype
     kind = str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16")
     name = f"train_{kind}{'_compiled' if compile_ else ''}_vs_hf_{preset}"
     peer, goal = "HF LlamaForCausalLM training step", 1.1 if amp is None else 1.5
     ours = TrainingLoss(model)
-    row = attempt(name, peer, goal, lambda: compare(
-        name, _train_steps(model, torch.compile(ours) if compile_ else ours, x, y, amp, steps), peer,
-        _train_steps(hf, lambda x, y: next_token_loss(hf(x).logits, y), x, y, amp, steps),
-        batch * seq * steps, reps, goal))
+    row = attempt(
+        name,
+        peer,
+        goal,
+        lambda: compare(
+            name,
+            _train_steps(model, torch.compile(ours) if compile_ else ours, x, y, amp, steps),
+            peer,
+            _train_steps(hf, lambda x, y: next_token_loss(hf(x).logits, y), x, y, amp, steps),
+            batch * seq * steps,
+            reps,
+            goal,
+        ),
+    )
     per_token = flops_per_token(dataclasses.replace(model.cfg, n_ctx=seq)) / peak_flops(device, dtype)
     row.mfu = (row.ours_tok_s * per_token, row.peer_tok_s * per_token)
     return row
@@ -255,8 +367,9 @@ def train_dtypes(device: str) -> tuple[torch.dtype, ...]:
     return (torch.bfloat16, torch.float32) if device.startswith("cuda") else (torch.float32,)
 
 
-def bench_suite(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 7, device: str = "cpu",
-                quick: bool = False) -> tuple[list[Row], dict]:
+def bench_suite(
+    preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 7, device: str = "cpu", quick: bool = False
+) -> tuple[list[Row], dict]:
     """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
 
     Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, nothing compiled, one warm
@@ -266,12 +379,21 @@ def bench_suite(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
     reps = 2 if quick else reps
     few = max(1, reps // 2)
     rows = bench_model(preset, batch, seq, reps, device)
-    rows += bench_generate(preset, new_tokens=50 if quick else 200, reps=few, compiled=(False,) if quick else (False, True),
-                           device=device)
-    rows += bench_train(("1.25M", preset) if preset != "1.25M" else ("1.25M",), batch, seq, max(2, few),
-                        train_dtypes(device), compiled=(False,) if quick else (False, True), device=device)
-    probe_rows, probe_fit = bench_probe(preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000,
-                                        device=device)
+    rows += bench_generate(
+        preset, new_tokens=50 if quick else 200, reps=few, compiled=(False,) if quick else (False, True), device=device
+    )
+    rows += bench_train(
+        ("1.25M", preset) if preset != "1.25M" else ("1.25M",),
+        batch,
+        seq,
+        max(2, few),
+        train_dtypes(device),
+        compiled=(False,) if quick else (False, True),
+        device=device,
+    )
+    probe_rows, probe_fit = bench_probe(
+        preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000, device=device
+    )
     explorer = bench_explorer(preset, reps=few, device=device)
     return rows + probe_rows, explorer | probe_fit
 
@@ -280,9 +402,14 @@ def format_suite(rows: list[Row], extras: dict, header: str) -> str:
     from .probe import C_GRID
 
     fit = extras["probe_fit_s_per_hook"]
-    return "\n".join([format_rows(rows, header), format_explorer({k: v for k, v in extras.items() if k.startswith("explorer")}),
-                      f"{'probe_fit_s_per_hook':<34}{fit['s']:>10.2f} s  (probe + control, {len(C_GRID)} C values; "
-                      f"{fit['stories']:,} stories, {fit['classes']} classes, {fit['features']} features)"])
+    return "\n".join(
+        [
+            format_rows(rows, header),
+            format_explorer({k: v for k, v in extras.items() if k.startswith("explorer")}),
+            f"{'probe_fit_s_per_hook':<34}{fit['s']:>10.2f} s  (probe + control, {len(C_GRID)} C values; "
+            f"{fit['stories']:,} stories, {fit['classes']} classes, {fit['features']} features)",
+        ]
+    )
 
 
 def format_rows(rows: list[Row], header: str) -> str:
@@ -294,7 +421,9 @@ def format_rows(rows: list[Row], header: str) -> str:
         goal = "     -" if r.goal is None else f"{r.goal:>6.1f}x"
         mark = "" if r.goal is None else " [ok]" if r.ratio >= r.goal else " [MISSED]"
         mfu = "" if r.mfu is None else f" (MFU {r.mfu[0]:.0%} vs {r.mfu[1]:.0%})"
-        lines.append(f"{r.name:<34}{r.ours_tok_s:>14,.0f}{r.peer_tok_s:>12,.0f}{r.ratio:>7.2f}x{goal}  {r.peer}{mark}{mfu}")
+        lines.append(
+            f"{r.name:<34}{r.ours_tok_s:>14,.0f}{r.peer_tok_s:>12,.0f}{r.ratio:>7.2f}x{goal}  {r.peer}{mark}{mfu}"
+        )
     return "\n".join(lines)
 
 
@@ -356,14 +485,18 @@ def bench_data(n_stories: int = 100_000, vocab_size: int = 4096) -> dict:
 
 
 def format_data(out: dict) -> str:
-    lines = [f"embedded corpus, {out['stories']:,} stories",
-             f"  generation               {out['synth_stories_per_s']:>10,.0f} stories/s (one core)",
-             f"  tokenizer                {out['tokenizer_vocab']:>10,} entries (asked {out['tokenizer_asked']:,}); [UNK] rate on 10,000 "
-             f"unseen stories {out['unk_rate_unseen']:.2e}",
-             f"  tokens                   {out['tokens']:>10,} ({out['tokens_per_story']:.0f} per story, [EOS] included)",
-             f"  tokenize + cache         {out['tokenize_tok_s']:>10,.0f} tokens/s = {out['tokenize_vs_direct']:.2f}x "
-             f"tokenizers' encode_batch + .ids ({torch.get_num_threads()} cores)"]
+    lines = [
+        f"embedded corpus, {out['stories']:,} stories",
+        f"  generation               {out['synth_stories_per_s']:>10,.0f} stories/s (one core)",
+        f"  tokenizer                {out['tokenizer_vocab']:>10,} entries (asked {out['tokenizer_asked']:,}); [UNK] rate on 10,000 "
+        f"unseen stories {out['unk_rate_unseen']:.2e}",
+        f"  tokens                   {out['tokens']:>10,} ({out['tokens_per_story']:.0f} per story, [EOS] included)",
+        f"  tokenize + cache         {out['tokenize_tok_s']:>10,.0f} tokens/s = {out['tokenize_vs_direct']:.2f}x "
+        f"tokenizers' encode_batch + .ids ({torch.get_num_threads()} cores)",
+    ]
     for label in ("theme", "topic", "style", "feature"):
-        lines.append(f"  bag-of-words -> {label:<8} {out[f'bow_{label}_accuracy']:>10.1%} accuracy "
-                     f"(majority class {out[f'bow_{label}_majority']:.1%})")
+        lines.append(
+            f"  bag-of-words -> {label:<8} {out[f'bow_{label}_accuracy']:>10.1%} accuracy "
+            f"(majority class {out[f'bow_{label}_majority']:.1%})"
+        )
     return "\n".join(lines)

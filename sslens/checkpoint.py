@@ -33,13 +33,17 @@ def checkpoint_steps(schedule: str | list[int], max_steps: int, every: int) -> s
     """Steps to save. "log": 0 and every power of two up to 1024, then every `every` steps (Pythia-style);
     "linear": every `every` steps from 0; or an explicit list. The last step is always saved."""
     if isinstance(schedule, list) or re.fullmatch(r"[\d,\s]+", str(schedule)):
-        steps = {int(s) for s in (schedule if isinstance(schedule, list) else str(schedule).split(",")) if str(s).strip()}
+        steps = {
+            int(s) for s in (schedule if isinstance(schedule, list) else str(schedule).split(",")) if str(s).strip()
+        }
     elif schedule == "log":
         steps = {0} | {2**k for k in range(11)} | set(range(every, max_steps + 1, every))
     elif schedule == "linear":
         steps = set(range(0, max_steps + 1, every))
     else:
-        raise SSLensError(f"checkpoint_schedule must be log, linear or a list of steps like 0,100,200; got {schedule!r}")
+        raise SSLensError(
+            f"checkpoint_schedule must be log, linear or a list of steps like 0,100,200; got {schedule!r}"
+        )
     return {s for s in steps if s <= max_steps} | {max_steps}
 
 
@@ -63,7 +67,9 @@ def requested_steps(path: str | Path, steps: Sequence[int] | str | None, purpose
     saved = saved_steps(path)
     if steps == "all":
         if not saved:
-            raise SSLensError(f"{path} is not a run directory with checkpoints, so --steps all has nothing to {purpose}")
+            raise SSLensError(
+                f"{path} is not a run directory with checkpoints, so --steps all has nothing to {purpose}"
+            )
         return list(saved)
     if missing := [s for s in steps if s not in saved]:
         raise SSLensError(f"{path} has no checkpoint at step {missing[0]}; saved steps: {saved or 'none'}")
@@ -77,8 +83,9 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
     shutil.rmtree(tmp, ignore_errors=True)
     # each file is serialised in memory, then written by plain writes: a full disk is then an OSError that
     # `writing` names (the serialisers' own file writers wrap it in errors of their own)
-    weights = save_tensors({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                           metadata={"step": str(step)})
+    weights = save_tensors(
+        {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, metadata={"step": str(step)}
+    )
     try:
         with writing(final, 3 * len(weights)):  # the weights, then AdamW's two moments
             tmp.mkdir(parents=True)
@@ -87,7 +94,9 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
             torch.save(trainer_state, state)
             _write_synced(tmp / "trainer.pt", state.getbuffer())
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its room back; a kill would leave it to the next start
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # a full disk gets its room back; a kill would leave it to the next start
         raise
     if final.exists():  # re-saving a step (a resumed run passing it again): set the old copy aside, then delete it
         old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
@@ -130,7 +139,9 @@ def read_run_config(run_dir: Path) -> dict:
     try:
         values = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bytes that are not UTF-8
-        raise SSLensError(f"{run_dir}/config.yaml is unreadable: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise SSLensError(
+            f"{run_dir}/config.yaml is unreadable: {(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
     if not isinstance(values, dict):
         raise SSLensError(f"{run_dir}/config.yaml is not a mapping of config keys")
     return values
@@ -145,15 +156,18 @@ def load_run_model(run_dir: str | Path, step: int | None = None) -> HookedLlama:
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise SSLensError(f"{run_dir} has no checkpoint at step {step}; saved steps: {steps[0]} .. {steps[-1]} ({len(steps)})")
+        raise SSLensError(
+            f"{run_dir} has no checkpoint at step {step}; saved steps: {steps[0]} .. {steps[-1]} ({len(steps)})"
+        )
     values = read_run_config(run_dir)
     model = HookedLlama(ModelConfig.from_dict({f.name: values[f.name] for f in settable_fields() if f.name in values}))
     path = checkpoint_dir(run_dir, step) / "model.safetensors"
     try:
         model.load_state_dict(load_file(path))
     except Exception as e:
-        raise SSLensError(f"{path} is unreadable or from another config ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]})") from None
+        raise SSLensError(
+            f"{path} is unreadable or from another config ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     if (run_dir / "tokenizer.json").is_file():
         model.tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     return model.eval()
@@ -196,8 +210,17 @@ def check_inside(root: str | Path, model_dir: Path) -> None:
     directory), so it cannot disagree with the branch the loader takes. Directories come before what they hold,
     and checkpoints/ is listed only once it is known to stay inside, so nothing outside is read, not even a name."""
     inside = Path(root).resolve()
-    files = [model_dir / name for name in ("config.yaml", "config.json", "tokenizer.json", "metrics.jsonl",
-                                           "pytorch_model.bin", "checkpoints")]
+    files = [
+        model_dir / name
+        for name in (
+            "config.yaml",
+            "config.json",
+            "tokenizer.json",
+            "metrics.jsonl",
+            "pytorch_model.bin",
+            "checkpoints",
+        )
+    ]
     _refuse_outside(inside, files + sorted(model_dir.glob("*.safetensors")))
     if (model_dir / "checkpoints").is_dir():
         for step_dir in sorted(p for p in (model_dir / "checkpoints").iterdir() if _STEP_DIR.fullmatch(p.name)):
@@ -211,8 +234,10 @@ def _refuse_outside(inside: Path, paths: list[Path]) -> None:
         except (OSError, RuntimeError):  # a loop of links: RuntimeError before Python 3.13, OSError since
             raise SSLensError(f"{path} is a loop of symbolic links; fix or remove the link") from None
         if not target.is_relative_to(inside):
-            raise SSLensError(f"{path} leads outside the runs root {inside} (to {target}), so it is not opened; "
-                              "copy the file into the run instead of linking to it")
+            raise SSLensError(
+                f"{path} leads outside the runs root {inside} (to {target}), so it is not opened; "
+                "copy the file into the run instead of linking to it"
+            )
 
 
 def read_metrics(path: str | Path) -> tuple[list[dict], list[int]]:

@@ -54,12 +54,23 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> None:
         print(format_data(result))
         return _write_json(args.json, result)
     check_device(args.device)
-    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    header = (f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, median of "
-              f"{2 if args.quick else args.reps} interleaved runs")
+    where = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
+    header = (
+        f"{args.preset}, batch {args.batch} x {args.seq} tokens, {where}, median of "
+        f"{2 if args.quick else args.reps} interleaved runs"
+    )
     if args.suite == "train":
-        rows = bench_train((args.preset,), args.batch, args.seq, 2 if args.quick else args.reps, train_dtypes(args.device),
-                           compiled=(False,) if args.quick else (False, True), device=args.device)
+        rows = bench_train(
+            (args.preset,),
+            args.batch,
+            args.seq,
+            2 if args.quick else args.reps,
+            train_dtypes(args.device),
+            compiled=(False,) if args.quick else (False, True),
+            device=args.device,
+        )
         result = as_json(rows)
         print(format_rows(rows, header))
     else:
@@ -86,17 +97,35 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     model = load_model(args.model, step=args.step)
     if model.tokenizer is None:
         raise SSLensError(f"{args.model} has no tokenizer.json, so it cannot read a prompt")
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    compile=args.compile)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        compile=args.compile,
+    )
     if args.prompt is None:
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         return interactive(model, settings, generator)
     samples = model.generate(args.prompt, seed=args.seed, num_samples=args.num_samples, **settings)
     if args.json:
         tok = model.tokenizer
-        print(json.dumps([{"prompt": args.prompt, "prompt_tokens": s.prompt_tokens, "tokens": s.tokens,
-                           "token_strings": [tok.id_to_token(t) for t in s.tokens], "text": s.text,
-                           "logprobs": s.logprobs} for s in samples], indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "prompt": args.prompt,
+                        "prompt_tokens": s.prompt_tokens,
+                        "tokens": s.tokens,
+                        "token_strings": [tok.id_to_token(t) for t in s.tokens],
+                        "text": s.text,
+                        "logprobs": s.logprobs,
+                    }
+                    for s in samples
+                ],
+                indent=1,
+            )
+        )
     else:
         print("\n\n".join(args.prompt + s.text for s in samples))
 
@@ -113,10 +142,23 @@ def cmd_probe(args: argparse.Namespace, overrides: list[str]) -> None:
     steps = _steps(args.steps)
     stories, labels = load_labelled(data, args.label, args.split, args.max_stories, args.seed)
     hooks = [h for h in args.hooks.split(",") if h]
-    results = probe_steps(args.model, steps, stories, labels, hooks, args.pool, args.seed, args.batch_size, progress=True)
+    results = probe_steps(
+        args.model, steps, stories, labels, hooks, args.pool, args.seed, args.batch_size, progress=True
+    )
     out = Path(args.out or Path("probes") / f"{Path(args.model).resolve().name}-{args.label}-{args.pool}")
-    paths = write_results(results, out, {"model": str(args.model), "data": str(data), "split": args.split,
-                                         "label": args.label, "pool": args.pool, "stories": len(stories), "seed": args.seed})
+    paths = write_results(
+        results,
+        out,
+        {
+            "model": str(args.model),
+            "data": str(data),
+            "split": args.split,
+            "label": args.label,
+            "pool": args.pool,
+            "stories": len(stories),
+            "seed": args.seed,
+        },
+    )
     print(format_results(results))
     print("wrote " + ", ".join(str(p) for p in paths))
 
@@ -140,15 +182,20 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.step is not None and args.steps:
         raise SSLensError("give --step N or --steps, not both")
     steps = _steps(args.steps)
-    cards = (evaluate_steps(args.model, steps, args.data, args.probe_stories, progress=True) if steps
-             else [evaluate(args.model, args.step, args.data, args.probe_stories)])
+    cards = (
+        evaluate_steps(args.model, steps, args.data, args.probe_stories, progress=True)
+        if steps
+        else [evaluate(args.model, args.step, args.data, args.probe_stories)]
+    )
     print(cards_table(cards) if steps else cards[0].markdown())
     if args.json:
         _write_json(args.json, [c.to_dict() for c in cards] if steps else cards[0].to_dict())
     if steps:
         plot = Path(args.plot or Path("evals") / f"{Path(args.model).resolve().name}.html")
         plot.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(plot, cards_figure(cards, f"run card against step, {args.model}").to_html(include_plotlyjs=True))
+        atomic_write_text(
+            plot, cards_figure(cards, f"run card against step, {args.model}").to_html(include_plotlyjs=True)
+        )
         print(f"wrote {plot}")
     if args.export:
         from .checkpoint import load_model
@@ -210,8 +257,11 @@ def train_keys_help() -> str:
 
     lines = ["training keys (--key=value; defaults in brackets):"]
     lines += [f"  {f.name:<20} {f.metadata['help']} [{f.default!r}]" for f in dataclasses.fields(TrainConfig)]
-    lines += ["", "model keys (the preset's values unless overridden): "
-              + ", ".join(f.name for f in settable_fields(ModelConfig))]
+    lines += [
+        "",
+        "model keys (the preset's values unless overridden): "
+        + ", ".join(f.name for f in settable_fields(ModelConfig)),
+    ]
     return "\n".join(lines)
 
 
@@ -243,23 +293,35 @@ def _no_extra(overrides: list[str]) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sslens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("model", help="build a model from a preset or YAML, show its config and hooks, optionally export it",
-                       description="Extra --key=value arguments override config keys, e.g. --n_layers=2.")
+    m = sub.add_parser(
+        "model",
+        help="build a model from a preset or YAML, show its config and hooks, optionally export it",
+        description="Extra --key=value arguments override config keys, e.g. --n_layers=2.",
+    )
     m.add_argument("config", help=f"preset ({', '.join(preset_names())}) or YAML path")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--export", metavar="DIR", help="write an HF LlamaForCausalLM directory")
     m.set_defaults(run=cmd_model)
-    tr = sub.add_parser("train", help="train a model: sslens train CONFIG [--key=value ...]",
-                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=train_keys_help(),
-                        description="Train from a preset or YAML; every config key can be overridden as --key=value, "
-                                    "e.g. sslens train 5M --data=synth --max_steps=200 --compile=False.")
+    tr = sub.add_parser(
+        "train",
+        help="train a model: sslens train CONFIG [--key=value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=train_keys_help(),
+        description="Train from a preset or YAML; every config key can be overridden as --key=value, "
+        "e.g. sslens train 5M --data=synth --max_steps=200 --compile=False.",
+    )
     tr.add_argument("config", help=f"preset ({', '.join(preset_names())}) or YAML path")
     tr.set_defaults(run=cmd_train)
-    g = sub.add_parser("generate", help="write stories: interactive, or continue --prompt and exit",
-                       description="Sample with a KV cache. Without --prompt: type a prompt, watch the story stream; an "
-                                   "empty line or Ctrl-D quits, Ctrl-C stops a story. Prompt + new tokens stay "
-                                   "within the model's context (n_ctx).")
-    g.add_argument("model", help="a run directory (newest checkpoint, or --step), a checkpoint directory, or an HF Llama directory")
+    g = sub.add_parser(
+        "generate",
+        help="write stories: interactive, or continue --prompt and exit",
+        description="Sample with a KV cache. Without --prompt: type a prompt, watch the story stream; an "
+        "empty line or Ctrl-D quits, Ctrl-C stops a story. Prompt + new tokens stay "
+        "within the model's context (n_ctx).",
+    )
+    g.add_argument(
+        "model", help="a run directory (newest checkpoint, or --step), a checkpoint directory, or an HF Llama directory"
+    )
     g.add_argument("--prompt", help="continue this text, print and exit")
     g.add_argument("--max_new_tokens", type=int, default=200)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -269,19 +331,33 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
     g.add_argument("--num_samples", type=int, default=1, help="continuations of --prompt, sampled as one batch")
     g.add_argument("--json", action="store_true", help="print tokens, text and per-token log-probs as JSON")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token step: ~10 s to compile once, then up to ~2.5x the tokens/s at batch 1")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the one-token step: ~10 s to compile once, then up to ~2.5x the tokens/s at batch 1",
+    )
     g.set_defaults(run=cmd_generate)
-    pr = sub.add_parser("probe", help="linear probes: where (and when in training) a story label is decodable",
-                        description="For each hook (and checkpoint): a multinomial logistic-regression probe on pooled "
-                                    "activations, its accuracy, macro-F1, majority baseline and a control task. Writes "
-                                    "results.csv, results.json and accuracy.html.")
+    pr = sub.add_parser(
+        "probe",
+        help="linear probes: where (and when in training) a story label is decodable",
+        description="For each hook (and checkpoint): a multinomial logistic-regression probe on pooled "
+        "activations, its accuracy, macro-F1, majority baseline and a control task. Writes "
+        "results.csv, results.json and accuracy.html.",
+    )
     pr.add_argument("model", help="a run directory, a checkpoint directory, or an HF Llama directory")
-    pr.add_argument("--data", metavar="SRC", help="labelled stories: synth, synth:N, a hub dataset or a file "
-                                                  "(default: the run's training data)")
+    pr.add_argument(
+        "--data",
+        metavar="SRC",
+        help="labelled stories: synth, synth:N, a hub dataset or a file (default: the run's training data)",
+    )
     pr.add_argument("--label", required=True, help="the label column, e.g. theme, topic, style, feature")
     pr.add_argument("--hooks", default=",".join(DEFAULT_PROBE_HOOKS), help="comma-separated hook names or globs")
-    pr.add_argument("--pool", choices=["mean", "last"], default="mean", help="a story's vector: mean over its tokens, or its last token")
+    pr.add_argument(
+        "--pool",
+        choices=["mean", "last"],
+        default="mean",
+        help="a story's vector: mean over its tokens, or its last token",
+    )
     pr.add_argument("--steps", help="'all' (every checkpoint of a run) or steps like 0,64,1024 (default: the newest)")
     pr.add_argument("--max_stories", type=int, default=5000, help="a random sample of this many stories")
     pr.add_argument("--split", default="train", help="the data split to read")
@@ -289,31 +365,51 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="story sample, splits and control labels")
     pr.add_argument("--out", metavar="DIR", help="output directory (default: probes/MODEL-LABEL-POOL)")
     pr.set_defaults(run=cmd_probe)
-    ev = sub.add_parser("eval", help="the run card: validation loss, induction, name copying, theme probe, greedy text",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="What to check first about a model, on held-out stories: a run's own validation "
-                                    "stories, otherwise the test split of --data. Name copying needs the embedded "
-                                    "corpus (synth); the theme probe a theme column.")
+    ev = sub.add_parser(
+        "eval",
+        help="the run card: validation loss, induction, name copying, theme probe, greedy text",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="What to check first about a model, on held-out stories: a run's own validation "
+        "stories, otherwise the test split of --data. Name copying needs the embedded "
+        "corpus (synth); the theme probe a theme column.",
+    )
     ev.add_argument("model", help="a run directory, a checkpoint directory, an HF Llama directory or a hub name")
     ev.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
     ev.add_argument("--steps", help="'all' (every checkpoint of a run) or steps like 0,64,1024: a table and a figure")
     ev.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
-    ev.add_argument("--probe_stories", type=int, default=CARD_PROBE_STORIES,
-                    help="stories for name copying and the theme probe (the embedded corpus adds fresh ones)")
+    ev.add_argument(
+        "--probe_stories",
+        type=int,
+        default=CARD_PROBE_STORIES,
+        help="stories for name copying and the theme probe (the embedded corpus adds fresh ones)",
+    )
     ev.add_argument("--json", metavar="FILE", help="also write the card(s) as JSON")
     ev.add_argument("--plot", metavar="FILE.html", help="with --steps: the figure (default: evals/MODEL.html)")
-    ev.add_argument("--export", metavar="DIR", help="write the checkpoint as an HF directory whose README.md is this card")
+    ev.add_argument(
+        "--export", metavar="DIR", help="write the checkpoint as an HF directory whose README.md is this card"
+    )
     ev.set_defaults(run=cmd_eval)
-    b = sub.add_parser("bench", help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
-                                     "data: the embedded corpus and token pipeline")
-    b.add_argument("--suite", choices=["model", "train", "data"], default="model",
-                   help="model: every row below; train: the training rows of --preset alone; data: the corpus pipeline")
+    b = sub.add_parser(
+        "bench",
+        help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "
+        "data: the embedded corpus and token pipeline",
+    )
+    b.add_argument(
+        "--suite",
+        choices=["model", "train", "data"],
+        default="model",
+        help="model: every row below; train: the training rows of --preset alone; data: the corpus pipeline",
+    )
     b.add_argument("--stories", type=int, default=100_000, help="data suite: corpus size")
     b.add_argument("--preset", default="5M")
     b.add_argument("--batch", type=int, default=8)
     b.add_argument("--seq", type=int, default=512)
     b.add_argument("--reps", type=int, default=7)
-    b.add_argument("--quick", action="store_true", help="two repetitions, shorter generation, no compiled training (about 2 min on 2 CPU cores)")
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="two repetitions, shorter generation, no compiled training (about 2 min on 2 CPU cores)",
+    )
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda adds bf16 training rows")
     b.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     b.set_defaults(run=cmd_bench)
@@ -325,7 +421,12 @@ def parser() -> argparse.ArgumentParser:
     syn.set_defaults(run=cmd_data_synth)
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     tt = t.add_parser("train", help="train the SimpleStories WordPiece recipe on a story source")
-    tt.add_argument("--data", required=True, metavar="SRC", help="synth, synth:N, a hub dataset, or a .parquet/.jsonl/.json/.txt path")
+    tt.add_argument(
+        "--data",
+        required=True,
+        metavar="SRC",
+        help="synth, synth:N, a hub dataset, or a .parquet/.jsonl/.json/.txt path",
+    )
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--out", required=True, metavar="tokenizer.json")
     tt.set_defaults(run=cmd_tokenizer_train)

@@ -114,8 +114,11 @@ def _help(text: str, default: Any) -> Any:
 class TrainConfig:
     """How to train. Keys share one namespace with ModelConfig: a YAML file or `--key=value` may set any of both."""
 
-    data: str = _help("SimpleStories/SimpleStories from the hub; synth or synth:N (the embedded corpus, offline); "
-                      "or a local .parquet/.jsonl/.json/.txt file or directory", "SimpleStories/SimpleStories")
+    data: str = _help(
+        "SimpleStories/SimpleStories from the hub; synth or synth:N (the embedded corpus, offline); "
+        "or a local .parquet/.jsonl/.json/.txt file or directory",
+        "SimpleStories/SimpleStories",
+    )
     tokenizer: str = _help("a tokenizer.json; empty: train the SimpleStories recipe on the data", "")
     out_dir: str = _help("the run directory; empty: runs/<model_name>", "")
     seed: int = _help("seeds initialisation, data order and everything else", 0)
@@ -129,19 +132,30 @@ class TrainConfig:
     beta1: float = _help("AdamW beta1", 0.9)
     beta2: float = _help("AdamW beta2", 0.95)
     grad_clip: float = _help("clip the gradient norm to this; 0: no clipping", 1.0)
-    dtype: str = _help("auto (bfloat16 autocast where the hardware has fast bf16, else float32), bfloat16 or float32",
-                       "auto")
-    compile: str = _help("torch.compile the model: true, false, or auto (on where it pays: a run of 200+ steps, on CUDA "
-                         "or on a CPU with a C++ compiler for inductor)", "auto")
+    dtype: str = _help(
+        "auto (bfloat16 autocast where the hardware has fast bf16, else float32), bfloat16 or float32", "auto"
+    )
+    compile: str = _help(
+        "torch.compile the model: true, false, or auto (on where it pays: a run of 200+ steps, on CUDA "
+        "or on a CPU with a C++ compiler for inductor)",
+        "auto",
+    )
     val_every: int = _help("validation loss every this many steps (and at the end)", 100)
     val_batches: int = _help("batches of held-out data per validation", 8)
-    val_samples: int = _help("stories of 48 tokens written from 'Once upon a time' at each validation, logged in "
-                             "metrics.jsonl (and WandB) as 'samples'; 0: none", 2)
+    val_samples: int = _help(
+        "stories of 48 tokens written from 'Once upon a time' at each validation, logged in "
+        "metrics.jsonl (and WandB) as 'samples'; 0: none",
+        2,
+    )
     log_every: int = _help("a metrics.jsonl line every this many steps", 10)
-    print_every: int = _help("when stderr is not a terminal (a log file, CI, a scheduler), a plain progress line "
-                             "every this many steps instead of the progress bar; 0: about 20 lines a run", 0)
-    checkpoint_schedule: str = _help("log (0, powers of two to 1024, then every checkpoint_every), linear, or a "
-                                     "list like 0,50,100", "log")
+    print_every: int = _help(
+        "when stderr is not a terminal (a log file, CI, a scheduler), a plain progress line "
+        "every this many steps instead of the progress bar; 0: about 20 lines a run",
+        0,
+    )
+    checkpoint_schedule: str = _help(
+        "log (0, powers of two to 1024, then every checkpoint_every), linear, or a list like 0,50,100", "log"
+    )
     checkpoint_every: int = _help("checkpoint spacing after 1024 (log) or throughout (linear)", 1000)
     resume: bool = _help("continue the run in out_dir from its newest complete checkpoint", False)
     wandb_project: str = _help("also log to this Weights & Biases project (key from WANDB_API_KEY or a .env file)", "")
@@ -155,8 +169,16 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "val_every", "val_batches", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("total_batch_size", "warmup_steps", "weight_decay", "grad_clip", "min_lr_ratio", "seed", "val_samples",
-                     "print_every"):
+        for name in (
+            "total_batch_size",
+            "warmup_steps",
+            "weight_decay",
+            "grad_clip",
+            "min_lr_ratio",
+            "seed",
+            "val_samples",
+            "print_every",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -217,8 +239,12 @@ def coerce(name: str, type_name: str, value: Any) -> Any:
 
 def preset_names() -> list[str]:
     """Preset names, smallest model first ("1.25M", "5M", ...)."""
-    names = [p.name.removesuffix(".yaml") for p in resources.files("sslens.presets").iterdir() if p.name.endswith(".yaml")]
-    return sorted(names, key=lambda n: (float(n[:-1]), n) if n[:-1].replace(".", "", 1).isdigit() else (float("inf"), n))
+    names = [
+        p.name.removesuffix(".yaml") for p in resources.files("sslens.presets").iterdir() if p.name.endswith(".yaml")
+    ]
+    return sorted(
+        names, key=lambda n: (float(n[:-1]), n) if n[:-1].replace(".", "", 1).isdigit() else (float("inf"), n)
+    )
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -250,8 +276,10 @@ def load_train_config(name_or_path: str | Path, **overrides: Any) -> tuple[Model
     unknown = sorted(map(str, set(values) - model_keys - train_keys))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; see `sslens train --help` for the keys")
-    return (ModelConfig.from_dict({k: v for k, v in values.items() if k in model_keys}),
-            TrainConfig.from_dict({k: v for k, v in values.items() if k in train_keys}))
+    return (
+        ModelConfig.from_dict({k: v for k, v in values.items() if k in model_keys}),
+        TrainConfig.from_dict({k: v for k, v in values.items() if k in train_keys}),
+    )
 
 
 def _read_config(name_or_path: str | Path) -> dict[str, Any]:

@@ -45,7 +45,9 @@ class MissingSplit(SSLensError):
     """The source has no such split (a single file has only "train")."""
 
 
-def load_stories(source: str | Path = DEFAULT_SOURCE, split: str = "train", text_column: str | None = None) -> datasets.Dataset:
+def load_stories(
+    source: str | Path = DEFAULT_SOURCE, split: str = "train", text_column: str | None = None
+) -> datasets.Dataset:
     """One split of a story dataset, with its metadata columns, and the text in column "story".
 
     `source`: an HF hub dataset name; a .parquet/.jsonl/.json file or a directory of them (the HF layout with
@@ -60,16 +62,22 @@ def load_stories(source: str | Path = DEFAULT_SOURCE, split: str = "train", text
     elif path.is_file():
         ds = _load_file(path, split)
     elif path.is_dir():
-        ds = _load_split(lambda: datasets.load_dataset(str(path), split=split), f"directory {path}", split,
-                         lambda: _check_directory(path))
+        ds = _load_split(
+            lambda: datasets.load_dataset(str(path), split=split),
+            f"directory {path}",
+            split,
+            lambda: _check_directory(path),
+        )
     elif path.suffix in (*_FORMATS, ".txt") or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(source)):
         raise SSLensError(f"data path {source} not found")
     else:
         ds = _load_split(lambda: datasets.load_dataset(str(source), split=split), f"hub dataset {source}", split)
     column = text_column or next((c for c in TEXT_COLUMNS if c in ds.column_names), None)
     if column not in ds.column_names:
-        raise SSLensError(f"{source} has no text column {column or ' or '.join(TEXT_COLUMNS)!r} "
-                          f"(columns: {', '.join(ds.column_names)}); name it with text_column")
+        raise SSLensError(
+            f"{source} has no text column {column or ' or '.join(TEXT_COLUMNS)!r} "
+            f"(columns: {', '.join(ds.column_names)}); name it with text_column"
+        )
     if column != "story":
         ds = ds.rename_column(column, "story")
     if len(ds) == 0:
@@ -104,12 +112,17 @@ def _load_file(path: Path, split: str) -> datasets.Dataset:
         return datasets.Dataset.from_dict({"story": [p.strip() for p in parts if p.strip()]})
     if path.suffix not in _FORMATS:
         raise SSLensError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl, .json or .txt")
-    return _load_split(lambda: datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train"),
-                       str(path), split, lambda: _check_file(path))
+    return _load_split(
+        lambda: datasets.load_dataset(_FORMATS[path.suffix], data_files=str(path), split="train"),
+        str(path),
+        split,
+        lambda: _check_file(path),
+    )
 
 
-def _load_split(load: Callable[[], datasets.Dataset], what: str, split: str,
-                check: Callable[[], None] | None = None) -> datasets.Dataset:
+def _load_split(
+    load: Callable[[], datasets.Dataset], what: str, split: str, check: Callable[[], None] | None = None
+) -> datasets.Dataset:
     """`load()`, with its failure said in one line. `check` (local data; None for the hub) examines the files
     themselves and raises naming the file, the line or row, and what sslens expects: datasets' own errors name
     neither. The text is checked for UTF-8 too, which the JSON reader lets through."""
@@ -125,8 +138,10 @@ def _load_split(load: Callable[[], datasets.Dataset], what: str, split: str,
         if isinstance(e, ValueError) and "Unknown split" in str(e):
             raise MissingSplit(f"{what} has no split {split!r}") from None
         if check is None:
-            raise SSLensError(f"{what.split()[-1]} is not a local path and the hub could not provide it "
-                              f"({type(e).__name__}); {OFFLINE_HINT}") from None
+            raise SSLensError(
+                f"{what.split()[-1]} is not a local path and the hub could not provide it "
+                f"({type(e).__name__}); {OFFLINE_HINT}"
+            ) from None
         reason = _reason(e)
     finally:
         huggingface_hub.logging.set_verbosity(verbosity[0])
@@ -146,8 +161,10 @@ def _reason(e: BaseException) -> str:
 def _check_directory(path: Path) -> None:
     files = sorted(f for f in path.rglob("*") if f.suffix in _FORMATS and f.is_file())
     if not files:
-        raise SSLensError(f"directory {path} holds no .parquet, .jsonl or .json files; point --data at a directory "
-                          "of them (e.g. data/train-*.parquet) or at one data file")
+        raise SSLensError(
+            f"directory {path} holds no .parquet, .jsonl or .json files; point --data at a directory "
+            "of them (e.g. data/train-*.parquet) or at one data file"
+        )
     for file in files:
         _check_file(file)
 
@@ -159,8 +176,10 @@ def _check_file(path: Path) -> None:
     try:
         rows = pq.read_metadata(path).num_rows
     except (OSError, pa.ArrowException) as e:
-        raise SSLensError(f"{path} is not a parquet file ({_reason(e)}); sslens expects a parquet table with a "
-                          f"{' or '.join(TEXT_COLUMNS)} column") from None
+        raise SSLensError(
+            f"{path} is not a parquet file ({_reason(e)}); sslens expects a parquet table with a "
+            f"{' or '.join(TEXT_COLUMNS)} column"
+        ) from None
     if rows == 0:
         raise SSLensError(f"{path} holds no stories: the table has no rows")
 
@@ -202,8 +221,10 @@ def _decode(path: Path, data: bytes, offset: int = 0, line: int = 1) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line += data.count(b"\n", 0, e.start)
-        raise SSLensError(f"{path} is not UTF-8 text: byte {offset + e.start} (0x{data[e.start]:02x}), on line {line}, "
-                          f"cannot be decoded; {EXPECTS_UTF8}") from None
+        raise SSLensError(
+            f"{path} is not UTF-8 text: byte {offset + e.start} (0x{data[e.start]:02x}), on line {line}, "
+            f"cannot be decoded; {EXPECTS_UTF8}"
+        ) from None
 
 
 @dataclass
@@ -216,14 +237,21 @@ class Split:
     held_out: np.ndarray | None  # rows of the source's train split held out; None: the source's own test split
 
     def record(self, source: str | Path, seed: int) -> dict:
-        return {"data": str(source), "seed": seed, "validation": "test split" if self.held_out is None else "held out",
-                "train_stories": len(self.train), "val_stories": len(self.val), "train_fingerprint": fingerprint(self.train),
-                "val_fingerprint": fingerprint(self.val),
-                "held_out_rows": None if self.held_out is None else self.held_out.tolist()}
+        return {
+            "data": str(source),
+            "seed": seed,
+            "validation": "test split" if self.held_out is None else "held out",
+            "train_stories": len(self.train),
+            "val_stories": len(self.val),
+            "train_fingerprint": fingerprint(self.train),
+            "val_fingerprint": fingerprint(self.val),
+            "held_out_rows": None if self.held_out is None else self.held_out.tolist(),
+        }
 
 
-def train_val(source: str | Path = DEFAULT_SOURCE, val_fraction: float = 0.01, seed: int = 0,
-              text_column: str | None = None) -> Split:
+def train_val(
+    source: str | Path = DEFAULT_SOURCE, val_fraction: float = 0.01, seed: int = 0, text_column: str | None = None
+) -> Split:
     """Training stories and validation stories: the source's test split when it has one, else the rows
     `held_out_rows` picks (the same for the same data, fraction and seed), which the training stories never hold."""
     train = load_stories(source, "train", text_column)
@@ -247,8 +275,10 @@ def validation_stories(record: dict, text_column: str | None = None) -> datasets
     else:
         val = load_stories(record["data"], "train", text_column).select(record["held_out_rows"])
     if fingerprint(val) != record["val_fingerprint"]:
-        raise SSLensError(f"{record['data']} no longer holds the validation stories this run was made with "
-                          "(their texts differ); restore the data the run was trained on")
+        raise SSLensError(
+            f"{record['data']} no longer holds the validation stories this run was made with "
+            "(their texts differ); restore the data the run was trained on"
+        )
     return val
 
 
@@ -266,10 +296,10 @@ def fingerprint(stories: datasets.Dataset, batch_size: int = 65_536) -> str:
         for strings in batch.column("story").chunks:  # a slice keeps its parent's whole buffers: honour its offset
             _, offsets, data = strings.buffers()
             dtype = np.int64 if pa.types.is_large_string(strings.type) else np.int32
-            ends = np.frombuffer(offsets, dtype=dtype)[strings.offset:strings.offset + len(strings) + 1]
+            ends = np.frombuffer(offsets, dtype=dtype)[strings.offset : strings.offset + len(strings) + 1]
             lengths.update(np.diff(ends).astype(np.int64).tobytes())
             if len(strings) and data is not None:
-                texts.update(memoryview(data)[int(ends[0]):int(ends[-1])])
+                texts.update(memoryview(data)[int(ends[0]) : int(ends[-1])])
     return hashlib.blake2b(lengths.digest() + texts.digest(), digest_size=12).hexdigest()
 
 
@@ -282,8 +312,9 @@ def cache_root() -> Path:
     return Path(os.environ.get("SSLENS_CACHE", Path.home() / ".cache" / "sslens"))
 
 
-def tokenize(stories: datasets.Dataset, tok: tokenizers.Tokenizer, cache_dir: str | Path | None = None,
-             chunk_size: int = 20_000) -> np.ndarray:
+def tokenize(
+    stories: datasets.Dataset, tok: tokenizers.Tokenizer, cache_dir: str | Path | None = None, chunk_size: int = 20_000
+) -> np.ndarray:
     """The stories' token stream (each story + [EOS]) as a read-only uint16 memmap, cached by the stories'
     content and the tokenizer, so a second run opens it at once and any change rebuilds it."""
     if tok.get_vocab_size() > 2**16:
@@ -305,7 +336,7 @@ def _write_tokens(stories: datasets.Dataset, tok: tokenizers.Tokenizer, path: Pa
     try:
         with open(tmp, "xb") as f:
             for start in range(0, len(stories), chunk_size):
-                texts = stories[start:start + chunk_size]["story"]
+                texts = stories[start : start + chunk_size]["story"]
                 ids = encode_batch(tok, texts, eos=True)
                 data = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint16).tobytes()
                 written, done = written + len(data), done + len(texts)
@@ -323,17 +354,20 @@ class Batches:
     """Seeded, shuffled batches of windows over a token stream. The whole data state is one integer,
     `position` (windows consumed so far): epoch e visits every window once in an order fixed by (seed, e)."""
 
-    def __init__(self, tokens: np.ndarray, n_ctx: int, batch_size: int, seed: int = 0, position: int = 0,
-                 what: str = "the data"):
+    def __init__(
+        self, tokens: np.ndarray, n_ctx: int, batch_size: int, seed: int = 0, position: int = 0, what: str = "the data"
+    ):
         self.tokens, self.n_ctx, self.batch_size, self.seed, self.position = tokens, n_ctx, batch_size, seed, position
         self.n_windows = (len(tokens) - 1) // n_ctx
         if self.n_windows < 1:
-            raise SSLensError(f"{what} hold {len(tokens)} tokens, fewer than one window of n_ctx + 1 = {n_ctx + 1}; "
-                              "use more stories or a smaller n_ctx")
+            raise SSLensError(
+                f"{what} hold {len(tokens)} tokens, fewer than one window of n_ctx + 1 = {n_ctx + 1}; "
+                "use more stories or a smaller n_ctx"
+            )
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def window(self, i: int) -> np.ndarray:
-        return self.tokens[i * self.n_ctx:(i + 1) * self.n_ctx + 1]
+        return self.tokens[i * self.n_ctx : (i + 1) * self.n_ctx + 1]
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, self.n_windows)

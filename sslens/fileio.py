@@ -35,7 +35,9 @@ def atomic_replace(src: Path, dst: Path) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file beside it, so `path` is never half-written."""
     with writing(path, len(text.encode())):
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as f:
             try:
                 f.write(text)
                 f.flush()
@@ -102,5 +104,7 @@ def writing(path: Path, need: int | None = None) -> Iterator[None]:
         if e.errno not in FULL_DISK_ERRNOS:
             raise
         needs = f"needs about {mib(need)}" if need else "needs more room"
-        raise DiskFull(f"the disk is full: writing {path} {needs} and {mib(free_bytes(path))} is free; "
-                       "free some space or choose another directory") from None
+        raise DiskFull(
+            f"the disk is full: writing {path} {needs} and {mib(free_bytes(path))} is free; "
+            "free some space or choose another directory"
+        ) from None

@@ -14,7 +14,9 @@ def flops_per_token(cfg: ModelConfig, training: bool = True) -> float:
     """Matmul FLOPs per token at full context: 2 per weight of every projection and of the unembedding, plus
     4 x n_ctx x d_model per layer for the attention scores and the weighted sum (counted over the full square, as
     is usual); training is three times the forward (backward = 2x forward). Norms, RoPE and softmax are left out."""
-    forward = 2 * (cfg.n_layers * layer_weights(cfg) + cfg.d_model * cfg.d_vocab) + 4 * cfg.n_layers * cfg.n_ctx * cfg.d_model
+    forward = (
+        2 * (cfg.n_layers * layer_weights(cfg) + cfg.d_model * cfg.d_vocab) + 4 * cfg.n_layers * cfg.n_ctx * cfg.d_model
+    )
     return forward * (3 if training else 1)
 
 

@@ -46,18 +46,26 @@ class Sample:
     text: str | None
 
 
-def exponential_noise(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None,
-                      generator: torch.Generator | None) -> Float[Tensor, "batch candidates"] | None:
+def exponential_noise(
+    logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> Float[Tensor, "batch candidates"] | None:
     """The Exp(1) draws `choose` needs: one per candidate token (the k most likely with top-k, else the whole
     vocabulary); None when greedy."""
     if temperature == 0:
         return None
     candidates = logits.shape[-1] if top_k is None else min(top_k, logits.shape[-1])
-    return torch.empty(logits.shape[0], candidates, device=logits.device, dtype=torch.float32).exponential_(generator=generator)
+    return torch.empty(logits.shape[0], candidates, device=logits.device, dtype=torch.float32).exponential_(
+        generator=generator
+    )
 
 
-def choose(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: int | None, top_p: float | None,
-           noise: Float[Tensor, "batch candidates"] | None) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]:
+def choose(
+    logits: Float[Tensor, "batch d_vocab"],
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    noise: Float[Tensor, "batch candidates"] | None,
+) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]:
     """One token per row, and its log-probability under the model (temperature 1, before top-k/top-p).
 
     Temperature 0 is greedy; top-k keeps the k most likely tokens; top-p the smallest set whose probability reaches
@@ -84,14 +92,20 @@ def choose(logits: Float[Tensor, "batch d_vocab"], temperature: float, top_k: in
     return tokens, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def sample_tokens(logits: Float[Tensor, "batch d_vocab"], temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> Int[Tensor, " batch"]:
+def sample_tokens(
+    logits: Float[Tensor, "batch d_vocab"],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Int[Tensor, " batch"]:
     """One token per row, as `choose` picks it, with noise drawn from `generator`."""
     return choose(logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator))[0]
 
 
-def check_settings(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int,
-                   num_samples: int = 1) -> None:
+def check_settings(
+    temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int, num_samples: int = 1
+) -> None:
     """Refuse sampling settings that have no meaning (an infinite temperature would sample uniformly, NaN nothing),
     before a model is loaded or a token is drawn."""
     if not (temperature >= 0 and math.isfinite(temperature)):
@@ -106,9 +120,15 @@ def check_settings(temperature: float, top_k: int | None, top_p: float | None, m
         raise SSLensError(f"num_samples must be >= 1, got {num_samples}")
 
 
-def decode_step(model: HookedLlama, tokens: Int[Tensor, "batch 1"], cache: KVCache, temperature: float,
-                top_k: int | None, top_p: float | None,
-                noise: Tensor | None) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]:
+def decode_step(
+    model: HookedLlama,
+    tokens: Int[Tensor, "batch 1"],
+    cache: KVCache,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    noise: Tensor | None,
+) -> tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]:
     """Feed each row's newest token and choose the next one."""
     return choose(model(tokens, past_kv_cache=cache)[:, -1], temperature, top_k, top_p, noise)
 
@@ -122,16 +142,27 @@ def step_function(model: HookedLlama, compile: bool) -> Callable[..., tuple[Tens
         return step
     owner, compiled = getattr(model, "_compiled_step", (None, None))
     if owner is None or owner() is not model:  # a copy of a model (copy.deepcopy) compiles its own
-        compiled = torch.compile(step, backend=decode_backend, dynamic=True, options={"guard_filter_fn": skip_hook_guards})
+        compiled = torch.compile(
+            step, backend=decode_backend, dynamic=True, options={"guard_filter_fn": skip_hook_guards}
+        )
         model._compiled_step = (weakref.ref(model), compiled)
     return compiled
 
 
 @torch.inference_mode()
-def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
-           *, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None, eos: int | None = None,
-           compile: bool = False) -> Iterator[tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]]:
+def stream(
+    model: HookedLlama,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    *,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos: int | None = None,
+    compile: bool = False,
+) -> Iterator[tuple[Int[Tensor, " batch"], Float[Tensor, " batch"]]]:
     """Yield each step's new tokens and their log-probabilities. Rows are left-padded prompts (`attention_mask`
     0 at padding). A row that produced `eos` keeps producing it; the stream ends when every row has."""
     check_settings(temperature, top_k, top_p, max_new_tokens)
@@ -139,12 +170,16 @@ def stream(model: HookedLlama, tokens: Int[Tensor, "batch pos"], attention_mask:
     if pos == 0 or (attention_mask is not None and not bool(attention_mask.sum(-1).all())):
         raise SSLensError("empty prompt: give at least one token")
     if pos >= model.cfg.n_ctx:
-        raise SSLensError(f"the prompt is {pos} tokens; the context is {model.cfg.n_ctx}, so at most "
-                          f"{model.cfg.n_ctx - 1} leave room to generate")
+        raise SSLensError(
+            f"the prompt is {pos} tokens; the context is {model.cfg.n_ctx}, so at most "
+            f"{model.cfg.n_ctx - 1} leave room to generate"
+        )
     cache = KVCache(model.cfg, batch, model.W_E.device, model.W_E.dtype)
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     logits = model(tokens, attention_mask=attention_mask, past_kv_cache=cache)[:, -1]
-    next_tokens, logprobs = choose(logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator))
+    next_tokens, logprobs = choose(
+        logits, temperature, top_k, top_p, exponential_noise(logits, temperature, top_k, generator)
+    )
     step = step_function(model, compile)
     steps = min(max_new_tokens, model.cfg.n_ctx - pos)
     for i in range(steps):
@@ -167,8 +202,10 @@ def prompt_ids(model: HookedLlama, prompt: str) -> list[int]:
     if not ids:
         raise SSLensError("empty prompt: give at least one word")
     if len(ids) >= model.cfg.n_ctx:
-        raise SSLensError(f"the prompt is {len(ids)} tokens; the context is {model.cfg.n_ctx}, so at most "
-                          f"{model.cfg.n_ctx - 1} leave room to generate")
+        raise SSLensError(
+            f"the prompt is {len(ids)} tokens; the context is {model.cfg.n_ctx}, so at most "
+            f"{model.cfg.n_ctx - 1} leave room to generate"
+        )
     return ids
 
 
@@ -180,9 +217,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad: int) -> tuple[Int[Tensor, "b
     return tokens, mask
 
 
-def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 200,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             num_samples: int = 1, stop_at_eos: bool = True, compile: bool = False) -> list[Sample]:
+def generate(
+    model: HookedLlama,
+    prompts: str | Sequence[str] | Sequence[Sequence[int]],
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    num_samples: int = 1,
+    stop_at_eos: bool = True,
+    compile: bool = False,
+) -> list[Sample]:
     """Continue each prompt `num_samples` times, all in one batch; a list of Samples, prompt by prompt.
 
     Prompts are strings (encoded with the model's tokenizer, no [EOS]) or token-id lists. The same seed gives the
@@ -199,8 +245,20 @@ def generate(model: HookedLlama, prompts: str | Sequence[str] | Sequence[Sequenc
     tokens, mask = left_pad(ids, pad=eos or 0)
     device = model.W_E.device
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    steps = list(stream(model, tokens.to(device), mask.to(device) if not mask.all() else None, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos, compile=compile))
+    steps = list(
+        stream(
+            model,
+            tokens.to(device),
+            mask.to(device) if not mask.all() else None,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            eos=eos,
+            compile=compile,
+        )
+    )
     new = torch.stack([t for t, _ in steps], 1).tolist() if steps else [[] for _ in ids]
     logprobs = torch.stack([lp for _, lp in steps], 1).tolist() if steps else [[] for _ in ids]
     samples = []
@@ -216,12 +274,19 @@ def continuation_text(tok, prompt: list[int], new: list[int]) -> str:
     """The text that `new` adds after `prompt` (decoding the two together keeps word pieces and spacing right)."""
     before = tok.decode(prompt)
     full = tok.decode(prompt + new)
-    return full[len(before):] if full.startswith(before) else " " + tok.decode(new)
+    return full[len(before) :] if full.startswith(before) else " " + tok.decode(new)
 
 
-def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                compile: bool = False) -> Iterator[str]:
+def stream_text(
+    model: HookedLlama,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+) -> Iterator[str]:
     """Continue one prompt, yielding text as it is produced, whole words at a time (a later word piece or
     punctuation can change how the end of the text decodes, so the unfinished word is held back)."""
     ids = prompt_ids(model, prompt)
@@ -229,15 +294,24 @@ def stream_text(model: HookedLlama, prompt: str, max_new_tokens: int = 200, temp
     eos = tok.token_to_id(EOS)
     new: list[int] = []
     shown = ""
-    steps = stream(model, torch.tensor([ids], device=model.W_E.device), max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, eos=eos, compile=compile)
+    steps = stream(
+        model,
+        torch.tensor([ids], device=model.W_E.device),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        eos=eos,
+        compile=compile,
+    )
     for token, _ in steps:
         new.append(int(token))
         text = continuation_text(tok, ids, new)
-        done = text[:text.rfind(" ") + 1]
+        done = text[: text.rfind(" ") + 1]
         if done.startswith(shown) and len(done) > len(shown):
-            yield done[len(shown):]
+            yield done[len(shown) :]
             shown = done
     text = continuation_text(tok, ids, new)
     if text.startswith(shown) and len(text) > len(shown):
-        yield text[len(shown):]
+        yield text[len(shown) :]

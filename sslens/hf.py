@@ -19,6 +19,7 @@ from .fileio import atomic_replace
 if TYPE_CHECKING:
     from .model import HookedLlama  # instances only: this module sits below model.py (model.save_hf calls it)
 
+
 def hf_state_dict(model: HookedLlama) -> dict[str, torch.Tensor]:
     """Our weights under HF Llama names (fused QKV and gate|up matrices split back apart)."""
     state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.ln_final.w}
@@ -26,10 +27,15 @@ def hf_state_dict(model: HookedLlama) -> dict[str, torch.Tensor]:
         q, k, v = block.attn.qkv_proj.weight.split(block.attn.qkv_sizes)
         gate, up = block.mlp.gate_up_proj.weight.chunk(2)
         layer = {
-            "input_layernorm": block.ln1.w, "post_attention_layernorm": block.ln2.w,
-            "self_attn.q_proj": q, "self_attn.k_proj": k, "self_attn.v_proj": v, 
+            "input_layernorm": block.ln1.w,
+            "post_attention_layernorm": block.ln2.w,
+            "self_attn.q_proj": q,
+            "self_attn.k_proj": k,
+            "self_attn.v_proj": v,
             "self_attn.o_proj": block.attn.o_proj.weight,
-            "mlp.gate_proj": gate, "mlp.up_proj": up, "mlp.down_proj": block.mlp.down_proj.weight,
+            "mlp.gate_proj": gate,
+            "mlp.up_proj": up,
+            "mlp.down_proj": block.mlp.down_proj.weight,
         }
         state |= {f"model.layers.{i}.{name}.weight": w for name, w in layer.items()}
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -47,7 +53,9 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, 
             f"blocks.{i}.ln2.w": take(p + "post_attention_layernorm.weight"),
             f"blocks.{i}.attn.qkv_proj.weight": torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
             f"blocks.{i}.attn.o_proj.weight": take(p + "self_attn.o_proj.weight"),
-            f"blocks.{i}.mlp.gate_up_proj.weight": torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
+            f"blocks.{i}.mlp.gate_up_proj.weight": torch.cat(
+                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+            ),
             f"blocks.{i}.mlp.down_proj.weight": take(p + "mlp.down_proj.weight"),
         }
     if hf:
@@ -57,11 +65,24 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, 
 
 def hf_config(cfg: ModelConfig) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_key_value_heads,
-        head_dim=cfg.d_head, max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.eps, rope_theta=cfg.rotary_base,
-        hidden_act="silu", tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
-        initializer_range=cfg.initializer_range, bos_token_id=None, eos_token_id=1, pad_token_id=None,
+        vocab_size=cfg.d_vocab,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_key_value_heads,
+        head_dim=cfg.d_head,
+        max_position_embeddings=cfg.n_ctx,
+        rms_norm_eps=cfg.eps,
+        rope_theta=cfg.rotary_base,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=cfg.initializer_range,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=None,
         architectures=["LlamaForCausalLM"],
     )
 
@@ -69,7 +90,9 @@ def hf_config(cfg: ModelConfig) -> LlamaConfig:
 def config_from_hf(hf: LlamaConfig, name: str) -> ModelConfig:
     """Our config for an HF Llama config; refuses features HookedLlama does not implement."""
     rope = getattr(hf, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hf.rope_theta}
-    if (getattr(hf, "rope_scaling", None) or {}).get("rope_type", "default") != "default" or rope.get("rope_type", "default") != "default":
+    if (getattr(hf, "rope_scaling", None) or {}).get("rope_type", "default") != "default" or rope.get(
+        "rope_type", "default"
+    ) != "default":
         raise ConfigError(f"{name}: RoPE scaling {rope.get('rope_type')!r} is not supported (only default RoPE)")
     if hf.hidden_act != "silu":
         raise ConfigError(f"{name}: hidden_act {hf.hidden_act!r} is not supported (only silu)")
@@ -77,12 +100,21 @@ def config_from_hf(hf: LlamaConfig, name: str) -> ModelConfig:
         raise ConfigError(f"{name}: attention/MLP biases are not supported")
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     if head_dim * hf.num_attention_heads != hf.hidden_size:
-        raise ConfigError(f"{name}: head_dim {head_dim} * {hf.num_attention_heads} heads != hidden_size {hf.hidden_size}")
+        raise ConfigError(
+            f"{name}: head_dim {head_dim} * {hf.num_attention_heads} heads != hidden_size {hf.hidden_size}"
+        )
     return ModelConfig(
-        n_layers=hf.num_hidden_layers, d_model=hf.hidden_size, n_heads=hf.num_attention_heads,
-        n_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads, d_mlp=hf.intermediate_size,
-        d_vocab=hf.vocab_size, n_ctx=hf.max_position_embeddings, eps=float(hf.rms_norm_eps),
-        rotary_base=float(rope["rope_theta"]), initializer_range=float(hf.initializer_range), model_name=name,
+        n_layers=hf.num_hidden_layers,
+        d_model=hf.hidden_size,
+        n_heads=hf.num_attention_heads,
+        n_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        d_mlp=hf.intermediate_size,
+        d_vocab=hf.vocab_size,
+        n_ctx=hf.max_position_embeddings,
+        eps=float(hf.rms_norm_eps),
+        rotary_base=float(rope["rope_theta"]),
+        initializer_range=float(hf.initializer_range),
+        model_name=name,
     )
 
 
@@ -106,7 +138,9 @@ def save_hf(model: HookedLlama, path: str | Path, card: str | None = None) -> No
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if model.tokenizer is not None:
             PreTrainedTokenizerFast(
-                tokenizer_object=model.tokenizer, unk_token="[UNK]", eos_token="[EOS]",
+                tokenizer_object=model.tokenizer,
+                unk_token="[UNK]",
+                eos_token="[EOS]",
                 model_max_length=model.cfg.n_ctx,
             ).save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(model, card))
@@ -118,12 +152,20 @@ def model_card(model: HookedLlama, card: str | None) -> str:
     """README.md of an export: hub metadata (YAML front matter), what the model is, how to load it, its card."""
     cfg = model.cfg
     n_params = sum(p.numel() for p in model.parameters())
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [llama, sslens, simplestories]",
-             "---", "", f"# {cfg.model_name}", "",
-             f"A Llama model ({n_params:,} parameters: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-             f"{cfg.n_key_value_heads} key/value heads, context {cfg.n_ctx}, vocabulary {cfg.d_vocab}) trained with "
-             "sslens. It loads as `LlamaForCausalLM.from_pretrained(DIR)` or, with every activation hooked, as "
-             "`sslens.load_model(DIR)`."]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [llama, sslens, simplestories]",
+        "---",
+        "",
+        f"# {cfg.model_name}",
+        "",
+        f"A Llama model ({n_params:,} parameters: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+        f"{cfg.n_key_value_heads} key/value heads, context {cfg.n_ctx}, vocabulary {cfg.d_vocab}) trained with "
+        "sslens. It loads as `LlamaForCausalLM.from_pretrained(DIR)` or, with every activation hooked, as "
+        "`sslens.load_model(DIR)`.",
+    ]
     if card:
         lines += ["", "## Evaluation (`sslens eval`)", "", card]
     return "\n".join(lines) + "\n"
@@ -191,5 +233,7 @@ def _hub_snapshot(repo: str) -> Path:
         else:
             detail = str(e).splitlines()[0] if str(e) else "no detail"
             why, advice = f"{type(e).__name__}: {detail}", "check the name and the network"
-        raise SSLensError(f"{repo} is not in the hub cache {constants.HF_HUB_CACHE} and the hub could not provide it "
-                          f"({why}); {advice}, or pass a local model directory") from None
+        raise SSLensError(
+            f"{repo} is not in the hub cache {constants.HF_HUB_CACHE} and the hub could not provide it "
+            f"({why}); {advice}, or pass a local model directory"
+        ) from None

@@ -39,18 +39,29 @@ def decode_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
 
     cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, Tensor))
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches={"cpp_wrapper": cpu},
-                          decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _row_times_matrix})
+        return compile_fx(
+            gm,
+            example_inputs,
+            config_patches={"cpp_wrapper": cpu},
+            decompositions={**select_decomp_table(), torch.ops.aten.mm.default: _row_times_matrix},
+        )
 
 
 # torch's hook dictionaries: each module's own, and the global ones in torch.nn.modules.module.
 # Those that hold the hooks themselves, then the bookkeeping ones (flags per hook, registration hooks) that dynamo
 # also guards on.
 MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-GLOBAL_HOOK_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-                     "_global_backward_pre_hooks")
-HOOK_DICTS = MODULE_HOOK_DICTS + GLOBAL_HOOK_DICTS + (
-    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_global_module_registration_hooks")
+GLOBAL_HOOK_DICTS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+HOOK_DICTS = (
+    MODULE_HOOK_DICTS
+    + GLOBAL_HOOK_DICTS
+    + ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_global_module_registration_hooks")
+)
 
 
 def hooks_attached(module: nn.Module) -> bool:

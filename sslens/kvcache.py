@@ -16,8 +16,9 @@ class KVCache:
     would see alone.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, cfg: ModelConfig, batch: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ):
         shape = (batch, cfg.n_key_value_heads, cfg.n_ctx, cfg.d_head)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]

@@ -33,13 +33,17 @@ class LogitLens:
 
 
 @torch.inference_mode()
-def logit_lens(model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 5, cache: ActivationCache | None = None) -> LogitLens:
+def logit_lens(
+    model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 5, cache: ActivationCache | None = None
+) -> LogitLens:
     """What each layer's residual stream would predict if the model stopped there. The final norm is applied
     afresh to each residual (its own RMS), so the last row equals the model's real output."""
     if cache is None:
         _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post")))
     n = model.cfg.n_layers
-    resid = torch.stack([cache["blocks.0.hook_resid_pre"][0]] + [cache[f"blocks.{i}.hook_resid_post"][0] for i in range(n)])
+    resid = torch.stack(
+        [cache["blocks.0.hook_resid_pre"][0]] + [cache[f"blocks.{i}.hook_resid_post"][0] for i in range(n)]
+    )
     probs = (model.ln_final(resid) @ model.W_U).float().softmax(-1)  # [layer, pos, d_vocab]
     top_probs, top_tokens = probs.topk(k, dim=-1)
     targets = tokens[1:].to(probs.device)
@@ -58,7 +62,9 @@ def first_token_scores(pattern: Float[Tensor, "layer head q_pos k_pos"]) -> Floa
     return pattern[..., 0].mean(-1)
 
 
-def induction_scores(pattern: Float[Tensor, "layer head q_pos k_pos"], tokens: Int[Tensor, " pos"]) -> Float[Tensor, "layer head"]:
+def induction_scores(
+    pattern: Float[Tensor, "layer head q_pos k_pos"], tokens: Int[Tensor, " pos"]
+) -> Float[Tensor, "layer head"]:
     """Mean attention from a token that occurred before to the token that followed its previous occurrence
     (A B ... A -> B); zero where no token repeats."""
     targets = induction_targets(tokens)
@@ -82,19 +88,24 @@ def induction_targets(tokens: Int[Tensor, " pos"]) -> list[int | None]:
 
 
 @torch.inference_mode()
-def head_summaries(model: HookedLlama, tokens: Int[Tensor, " pos"],
-                   cache: ActivationCache | None = None) -> dict[str, Float[Tensor, "layer head"]]:
+def head_summaries(
+    model: HookedLlama, tokens: Int[Tensor, " pos"], cache: ActivationCache | None = None
+) -> dict[str, Float[Tensor, "layer head"]]:
     """Previous-token, first-token and induction scores of every head on this prompt."""
     if cache is None:
         _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
     pattern = cache.stack_activation("pattern")[:, 0]  # [layer, head, q, k]
-    return {"previous token": previous_token_scores(pattern), "first token": first_token_scores(pattern),
-            "induction": induction_scores(pattern, tokens)}
+    return {
+        "previous token": previous_token_scores(pattern),
+        "first token": first_token_scores(pattern),
+        "induction": induction_scores(pattern, tokens),
+    }
 
 
 @torch.inference_mode()
-def repeated_tokens_induction_scores(model: HookedLlama, seq_len: int = 50, batch: int = 8,
-                                     seed: int = 0) -> Float[Tensor, "layer head"]:
+def repeated_tokens_induction_scores(
+    model: HookedLlama, seq_len: int = 50, batch: int = 8, seed: int = 0
+) -> Float[Tensor, "layer head"]:
     """The standard induction score: on random tokens repeated twice, mean attention from each token of the
     second copy to the token after its first occurrence (seq_len - 1 back)."""
     gen = torch.Generator().manual_seed(seed)
@@ -116,8 +127,9 @@ class TokenProbabilities:
 
 
 @torch.inference_mode()
-def token_probabilities(model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 10,
-                        logits: Float[Tensor, "pos d_vocab"] | None = None) -> TokenProbabilities:
+def token_probabilities(
+    model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 10, logits: Float[Tensor, "pos d_vocab"] | None = None
+) -> TokenProbabilities:
     """`logits`: the model's output on `tokens` where a forward already made them (saves running it again)."""
     if logits is None:
         logits = model(tokens[None])[0]
@@ -158,7 +170,9 @@ def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_T
     tok = model.tokenizer
     sample = model.generate([ids], max_new_tokens, **sampling)[0]
     tokens = torch.tensor(ids + sample.tokens, device=model.W_E.device)
-    logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern")))
+    logits, cache = model.run_with_cache(
+        tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern"))
+    )
     lens = logit_lens(model, tokens, k=5, cache=cache)
     probs = token_probabilities(model, tokens, k=10, logits=logits[0])
     new = slice(len(ids) - 1, None)
@@ -170,8 +184,10 @@ def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_T
         new_tokens=[decode(t) for t in sample.tokens],
         text=sample.text,
         new_probs=probs.probs[new].tolist(),
-        alternatives=[[(decode(t), p) for t, p in zip(ts, ps)]
-                      for ts, ps in zip(probs.top_tokens[new].tolist(), probs.top_probs[new].tolist())],
+        alternatives=[
+            [(decode(t), p) for t, p in zip(ts, ps)]
+            for ts, ps in zip(probs.top_tokens[new].tolist(), probs.top_probs[new].tolist())
+        ],
         pattern=cache.stack_activation("pattern")[:, 0].cpu().numpy(),
         heads={name: v.cpu().numpy() for name, v in head_summaries(model, tokens, cache=cache).items()},
         lens_labels=lens.labels,

@@ -133,7 +133,9 @@ class Attention(nn.Module):
         # Any hook (TransformerLens or plain torch) on scores or pattern needs them materialised.
         return self.hook_attn_scores.active or self.hook_pattern.active
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
+    ) -> Float[Tensor, "batch pos d_model"]:
         batch, pos, _ = x.shape
         cfg = self.cfg
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
@@ -147,22 +149,27 @@ class Attention(nn.Module):
         if ctx.cache is not None:  # append this call's keys and values, attend over everything cached
             end = ctx.start + pos
             keys, values = ctx.cache.keys[self.layer], ctx.cache.values[self.layer]
-            keys[:, :, ctx.start:end] = k
-            values[:, :, ctx.start:end] = v
+            keys[:, :, ctx.start : end] = k
+            values[:, :, ctx.start : end] = v
             k, v = keys[:, :, :end], values[:, :, :end]
         if self.pattern_needed():
             z = self.explicit_attention(q, k, v, ctx.mask)
         else:
             # The fused kernel never materialises the [q_pos, k_pos] pattern: the fast path for training,
             # generation and caching anything but scores/pattern.
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and pos > 1,
-                                               enable_gqa=self.n_rep > 1)
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=ctx.mask, is_causal=ctx.mask is None and pos > 1, enable_gqa=self.n_rep > 1
+            )
         z = self.hook_z(z.transpose(1, 2))
         return self.o_proj(z.reshape(batch, pos, cfg.n_heads * cfg.d_head))
 
-    def explicit_attention(self, q: Float[Tensor, "batch head q_pos d_head"], k: Float[Tensor, "batch kv_head k_pos d_head"],
-                           v: Float[Tensor, "batch kv_head k_pos d_head"],
-                           mask: Bool[Tensor, "batch 1 q_pos k_pos"] | None) -> Float[Tensor, "batch head q_pos d_head"]:
+    def explicit_attention(
+        self,
+        q: Float[Tensor, "batch head q_pos d_head"],
+        k: Float[Tensor, "batch kv_head k_pos d_head"],
+        v: Float[Tensor, "batch kv_head k_pos d_head"],
+        mask: Bool[Tensor, "batch 1 q_pos k_pos"] | None,
+    ) -> Float[Tensor, "batch head q_pos d_head"]:
         """Scores and pattern materialised for their hooks. The n_rep query heads that share a KV head are
         stacked along the query axis, so one batched matmul serves them without copying K or V."""
         batch, n_kv, k_pos, d_head = k.shape
@@ -173,11 +180,17 @@ class Attention(nn.Module):
         else:
             bias = torch.zeros(mask.shape, device=q.device, dtype=q.dtype).masked_fill(~mask, float("-inf"))
             bias = bias[:, None].expand(batch, n_kv, self.n_rep, q_pos, k_pos).reshape(batch * n_kv, -1, k_pos)
-        scores = torch.baddbmm(bias, q.reshape(batch * n_kv, self.n_rep * q_pos, d_head),
-                               k.reshape(batch * n_kv, k_pos, d_head).transpose(1, 2), alpha=1 / math.sqrt(d_head))
+        scores = torch.baddbmm(
+            bias,
+            q.reshape(batch * n_kv, self.n_rep * q_pos, d_head),
+            k.reshape(batch * n_kv, k_pos, d_head).transpose(1, 2),
+            alpha=1 / math.sqrt(d_head),
+        )
         scores = self.hook_attn_scores(scores.view(batch, self.cfg.n_heads, q_pos, k_pos))
         pattern = self.hook_pattern(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype))
-        return (pattern.reshape(batch, n_kv, self.n_rep * q_pos, k_pos) @ v).view(batch, self.cfg.n_heads, q_pos, d_head)
+        return (pattern.reshape(batch, n_kv, self.n_rep * q_pos, k_pos) @ v).view(
+            batch, self.cfg.n_heads, q_pos, d_head
+        )
 
 
 PADDED_MLP_DEVICES = ("cuda",)  # where training pads d_mlp to a multiple of 8 (see MLP.padded_weights)
@@ -206,8 +219,12 @@ class MLP(nn.Module):
         return self.down_proj.weight.T
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        padded = (self.pad and x.device.type in PADDED_MLP_DEVICES and torch.is_grad_enabled()
-                  and not any(hooks_attached(m) for m in self.modules()))
+        padded = (
+            self.pad
+            and x.device.type in PADDED_MLP_DEVICES
+            and torch.is_grad_enabled()
+            and not any(hooks_attached(m) for m in self.modules())
+        )
         if padded:
             gate_up_weight, down_weight = self.padded_weights()
         pre, pre_linear = (F.linear(x, gate_up_weight) if padded else self.gate_up_proj(x)).chunk(2, dim=-1)
@@ -239,7 +256,9 @@ class TransformerBlock(nn.Module):
         self.hook_mlp_out = Hook()
         self.hook_resid_post = Hook()
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
+    ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(x)
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx)))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
@@ -270,13 +289,16 @@ def check_memory(cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
     need, available = memory_needed(cfg), available_memory(device)
     if available is not None and need > available:
         shape = ", ".join(f"{k}={getattr(cfg, k)}" for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "n_ctx"))
-        raise SSLensError(f"{cfg.model_name} ({shape}) has {parameter_count(cfg):,} parameters and needs about "
-                          f"{need / 2**30:,.1f} GiB for its weights and one forward, but {available / 2**30:,.1f} GiB "
-                          f"is available on {torch.device(device).type}; choose a smaller model")
+        raise SSLensError(
+            f"{cfg.model_name} ({shape}) has {parameter_count(cfg):,} parameters and needs about "
+            f"{need / 2**30:,.1f} GiB for its weights and one forward, but {available / 2**30:,.1f} GiB "
+            f"is available on {torch.device(device).type}; choose a smaller model"
+        )
 
 
 def _stacked(module: str, weight: str, shape: str) -> property:
     """A TransformerLens model-level weight: the per-block weight stacked over layers."""
+
     def get(self: HookedLlama) -> Tensor:
         return torch.stack([getattr(getattr(block, module), weight) for block in self.blocks])
 
@@ -321,10 +343,15 @@ class HookedLlama(HookedRootModule):
         """A tokenizer may have fewer entries than d_vocab (SimpleStories' 4019 with a 4096 model), never more."""
         if tok is not None and tok.get_vocab_size() > self.cfg.d_vocab:
             size, d_vocab, fewest = tok.get_vocab_size(), self.cfg.d_vocab, alphabet_size(tok)
-            other = (f", or use a tokenizer of at most {d_vocab} tokens (sslens tokenizer train --vocab-size {d_vocab})"
-                     if d_vocab >= fewest else f" (its characters, alone and as ##continuations, take {fewest} tokens)")
-            raise SSLensError(f"the tokenizer has {size} tokens but the model's d_vocab is {d_vocab}; raise d_vocab "
-                              f"to at least {size}{other}")
+            other = (
+                f", or use a tokenizer of at most {d_vocab} tokens (sslens tokenizer train --vocab-size {d_vocab})"
+                if d_vocab >= fewest
+                else f" (its characters, alone and as ##continuations, take {fewest} tokens)"
+            )
+            raise SSLensError(
+                f"the tokenizer has {size} tokens but the model's d_vocab is {d_vocab}; raise d_vocab "
+                f"to at least {size}{other}"
+            )
         self._tokenizer = tok
 
     @classmethod
@@ -344,7 +371,11 @@ class HookedLlama(HookedRootModule):
                 if name.endswith(".w"):
                     p.fill_(1.0)
                 else:
-                    scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                    scale = (
+                        1 / math.sqrt(2 * self.cfg.n_layers)
+                        if name.endswith(("o_proj.weight", "down_proj.weight"))
+                        else 1
+                    )
                     p.copy_(torch.randn(p.shape, generator=gen) * std * scale)
 
     def forward(
@@ -366,7 +397,9 @@ class HookedLlama(HookedRootModule):
             tokens = tokens[None]
         start = 0 if past_kv_cache is None else past_kv_cache.length
         if start + tokens.shape[-1] > self.cfg.n_ctx:
-            raise SSLensError(f"{start + tokens.shape[-1]} tokens exceed the context of {self.cfg.n_ctx}; truncate the input")
+            raise SSLensError(
+                f"{start + tokens.shape[-1]} tokens exceed the context of {self.cfg.n_ctx}; truncate the input"
+            )
         ctx = self.attention_context(tokens.shape, start, attention_mask, past_kv_cache)
         x = self.hook_embed(self.embed(tokens))
         for block in self.blocks[:stop_at_layer]:
@@ -384,8 +417,9 @@ class HookedLlama(HookedRootModule):
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return loss if return_type == "loss" else (logits, loss)
 
-    def attention_context(self, shape: torch.Size, start: int, attention_mask: Tensor | None,
-                          cache: KVCache | None) -> AttentionContext:
+    def attention_context(
+        self, shape: torch.Size, start: int, attention_mask: Tensor | None, cache: KVCache | None
+    ) -> AttentionContext:
         """Rotary angles and the attention mask of one call, shared by all layers. Without padding every row has
         positions start .. start + pos - 1; with it, a row's positions count only its real tokens."""
         batch, pos = shape
@@ -393,22 +427,22 @@ class HookedLlama(HookedRootModule):
         padded = attention_mask is not None and not bool(attention_mask.all())
         if cache is not None:
             if attention_mask is not None:
-                cache.key_mask[:, start:start + pos] = attention_mask.bool()
+                cache.key_mask[:, start : start + pos] = attention_mask.bool()
             cache.padded = padded = padded or cache.padded
             if padded:
-                new = cache.key_mask[:, start:start + pos]
+                new = cache.key_mask[:, start : start + pos]
                 positions = cache.next_position[:, None] + new.cumsum(-1) - 1
                 cache.next_position += new.sum(-1)
             else:
                 cache.next_position += pos
             cache.length = start + pos
-            key_mask = cache.key_mask[:, :start + pos]
+            key_mask = cache.key_mask[:, : start + pos]
         else:
             key_mask = None if attention_mask is None else attention_mask.bool()
             positions = None if key_mask is None else key_mask.cumsum(-1) - 1
         if not padded:
-            cos = self.rotary_cos[start:start + pos, None]
-            sin = self.rotary_sin[start:start + pos, None]
+            cos = self.rotary_cos[start : start + pos, None]
+            sin = self.rotary_sin[start : start + pos, None]
         else:
             positions = positions.clamp(min=0)
             cos, sin = self.rotary_cos[positions][:, :, None], self.rotary_sin[positions][:, :, None]
@@ -421,8 +455,9 @@ class HookedLlama(HookedRootModule):
         mask = (key_at <= query_at) & ((key_at == query_at) | (key_mask[:, None] if padded else True))
         return AttentionContext(cos, sin, mask[:, None] if mask.ndim == 3 else mask[None, None], start, cache)
 
-    def run_with_cache(self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False,
-                       **kwargs) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:
+    def run_with_cache(
+        self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
+    ) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:
         """As TransformerLens: the output and an ActivationCache (or a plain dict)."""
         out, cache = super().run_with_cache(*model_args, remove_batch_dim=remove_batch_dim, **kwargs)
         if return_cache_object:

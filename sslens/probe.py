@@ -74,11 +74,15 @@ def resolve_hooks(model: HookedLlama, patterns: Sequence[str]) -> list[str]:
     """Hook names matching the glob patterns (e.g. "blocks.*.hook_resid_post"), in the model's order."""
     names = [n for n in model.hook_dict if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     if not names:
-        raise SSLensError(f"no hook matches {', '.join(patterns)}; hooks look like hook_embed, "
-                          "blocks.0.hook_resid_post, blocks.1.attn.hook_z (see `sslens model CONFIG`)")
+        raise SSLensError(
+            f"no hook matches {', '.join(patterns)}; hooks look like hook_embed, "
+            "blocks.0.hook_resid_post, blocks.1.attn.hook_z (see `sslens model CONFIG`)"
+        )
     if bad := [n for n in names if n.endswith(_NOT_PER_POSITION)]:
-        raise SSLensError(f"{bad[0]} is [batch, head, q_pos, k_pos], not one vector per token; probe a "
-                          "[batch, pos, ...] activation such as hook_z or hook_resid_post")
+        raise SSLensError(
+            f"{bad[0]} is [batch, head, q_pos, k_pos], not one vector per token; probe a "
+            "[batch, pos, ...] activation such as hook_z or hook_resid_post"
+        )
     return names
 
 
@@ -87,16 +91,23 @@ def story_tokens(model: HookedLlama, stories: Sequence[str]) -> list[list[int]]:
     n_ctx tokens: its mean, or its n_ctx-th token for pool="last")."""
     if model.tokenizer is None:
         raise SSLensError("this model has no tokenizer attached, so stories cannot be encoded")
-    ids = [row[:model.cfg.n_ctx] for row in encode_batch(model.tokenizer, list(stories), eos=False)]
+    ids = [row[: model.cfg.n_ctx] for row in encode_batch(model.tokenizer, list(stories), eos=False)]
     if empty := sum(not row for row in ids):
         raise SSLensError(f"{empty} of the stories encode to no tokens; drop empty stories first")
     return ids
 
 
 @torch.inference_mode()
-def harvest(model: HookedLlama, tokens: Sequence[Sequence[int]], hooks: Sequence[str], pool: str = "mean",
-            batch_size: int = 32, spill_dir: str | Path | None = None, progress: str | None = None,
-            on_logits: Callable[[list[int], Tensor], None] | None = None) -> dict[str, np.ndarray]:
+def harvest(
+    model: HookedLlama,
+    tokens: Sequence[Sequence[int]],
+    hooks: Sequence[str],
+    pool: str = "mean",
+    batch_size: int = 32,
+    spill_dir: str | Path | None = None,
+    progress: str | None = None,
+    on_logits: Callable[[list[int], Tensor], None] | None = None,
+) -> dict[str, np.ndarray]:
     """One pooled vector per story and hook: [n_stories, features] float32 arrays (features = the activation's
     trailing dimensions flattened). Activations come from `run_with_cache` restricted to `hooks`, in batches of
     similar-length stories (left-padded), and the forward stops after the last layer needed. With `spill_dir`
@@ -104,27 +115,46 @@ def harvest(model: HookedLlama, tokens: Sequence[Sequence[int]], hooks: Sequence
     logits)`, if given, also receives each batch's story indices and left-padded logits (from the same forward)."""
     check_harvest(pool, batch_size)
     hooks = list(hooks)
-    layers = [int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", h)) else None if h == "hook_embed" else -1 for h in hooks]
+    layers = [
+        int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", h)) else None if h == "hook_embed" else -1 for h in hooks
+    ]
     stop = None if -1 in layers or on_logits else max((l + 1 for l in layers if l is not None), default=0)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     out: dict[str, np.ndarray] = {}
     device = model.W_E.device
-    for start in tqdm(range(0, len(order), batch_size), desc=progress or "harvest", disable=progress is None,
-                      dynamic_ncols=True, leave=False):
-        rows = order[start:start + batch_size]
+    for start in tqdm(
+        range(0, len(order), batch_size),
+        desc=progress or "harvest",
+        disable=progress is None,
+        dynamic_ncols=True,
+        leave=False,
+    ):
+        rows = order[start : start + batch_size]
         ids, mask = left_pad([tokens[i] for i in rows], pad=0)
         ids, mask = ids.to(device), mask.to(device)
-        logits, cache = model.run_with_cache(ids, attention_mask=mask if not mask.all() else None, names_filter=hooks,
-                                             return_type="logits" if on_logits else None, stop_at_layer=stop,
-                                             return_cache_object=False)
+        logits, cache = model.run_with_cache(
+            ids,
+            attention_mask=mask if not mask.all() else None,
+            names_filter=hooks,
+            return_type="logits" if on_logits else None,
+            stop_at_layer=stop,
+            return_cache_object=False,
+        )
         if on_logits:
             on_logits(rows, logits)
         for hook in hooks:
             act = cache[hook].flatten(2).float()  # [batch, pos, features]
             pooled = (act * mask[..., None]).sum(1) / mask.sum(1, keepdim=True) if pool == "mean" else act[:, -1]
             if hook not in out:
-                shape, path = (len(tokens), pooled.shape[-1]), None if spill_dir is None else Path(spill_dir) / f"{hook}.npy"
-                out[hook] = np.zeros(shape, np.float32) if path is None else np.lib.format.open_memmap(path, "w+", np.float32, shape)
+                shape, path = (
+                    (len(tokens), pooled.shape[-1]),
+                    None if spill_dir is None else Path(spill_dir) / f"{hook}.npy",
+                )
+                out[hook] = (
+                    np.zeros(shape, np.float32)
+                    if path is None
+                    else np.lib.format.open_memmap(path, "w+", np.float32, shape)
+                )
             out[hook][rows] = pooled.cpu().numpy()
     return out
 
@@ -156,8 +186,10 @@ def control_labels(stories: Sequence[str], labels: Sequence[str], train: Sequenc
 def check_labels(labels: Sequence[str]) -> None:
     """Refuse labels no probe can be fitted and tested on: too few stories for the split, or one label value."""
     if len(labels) < MIN_STORIES:
-        raise SSLensError(f"{len(labels)} labelled stories are too few: the 60/20/20 train/validation/test split "
-                          f"needs at least {MIN_STORIES} (3 to fit the probe, 1 to choose C, 1 to test); use more stories")
+        raise SSLensError(
+            f"{len(labels)} labelled stories are too few: the 60/20/20 train/validation/test split "
+            f"needs at least {MIN_STORIES} (3 to fit the probe, 1 to choose C, 1 to test); use more stories"
+        )
     if len(set(labels)) < 2:
         raise SSLensError("the label has fewer than two distinct values among these stories; nothing to probe")
 
@@ -167,20 +199,28 @@ def split(labels: Sequence[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray,
     index = np.arange(len(labels))
     stratify = np.asarray(labels) if min(Counter(labels).values()) >= 5 else None
     train, rest = train_test_split(index, test_size=0.4, random_state=seed, stratify=stratify)
-    val, test = train_test_split(rest, test_size=0.5, random_state=seed,
-                                 stratify=None if stratify is None else stratify[rest])
+    val, test = train_test_split(
+        rest, test_size=0.5, random_state=seed, stratify=None if stratify is None else stratify[rest]
+    )
     return train, val, test
 
 
-def logistic_regression(x: Float[Tensor, "n feature"], y: Int[Tensor, " n"], n_classes: int, C: float,
-                        init: Float[Tensor, "feature_plus_1 class"] | None = None,
-                        max_iter: int = 200) -> Float[Tensor, "feature_plus_1 class"]:
+def logistic_regression(
+    x: Float[Tensor, "n feature"],
+    y: Int[Tensor, " n"],
+    n_classes: int,
+    C: float,
+    init: Float[Tensor, "feature_plus_1 class"] | None = None,
+    max_iter: int = 200,
+) -> Float[Tensor, "feature_plus_1 class"]:
     """Multinomial logistic regression with an intercept (the last row), minimising scikit-learn's objective
     C * sum(cross-entropy) + |W|^2 / 2 by full-batch L-BFGS; `init` warm-starts it (e.g. from a smaller C)."""
     n, d = x.shape
     x = torch.cat([x, x.new_ones(n, 1)], 1)
     w = (x.new_zeros(d + 1, n_classes) if init is None else init.clone()).requires_grad_()
-    optimizer = torch.optim.LBFGS([w], max_iter=max_iter, tolerance_grad=1e-5, history_size=20, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [w], max_iter=max_iter, tolerance_grad=1e-5, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def loss() -> Tensor:
         optimizer.zero_grad()
@@ -197,8 +237,13 @@ def predict(w: Float[Tensor, "feature_plus_1 class"], x: Float[Tensor, "n featur
     return (x @ w[:-1] + w[-1]).argmax(-1)
 
 
-def fit(features: Float[np.ndarray, "story feature"], labels: np.ndarray, train: np.ndarray, val: np.ndarray,
-        test: np.ndarray) -> tuple[float, float, float]:
+def fit(
+    features: Float[np.ndarray, "story feature"],
+    labels: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    test: np.ndarray,
+) -> tuple[float, float, float]:
     """(test accuracy, test macro-F1, C) of the probe whose C has the best validation accuracy. Features are
     standardised with the training stories' mean and deviation; the C path is walked upwards, warm-started."""
     classes, y = np.unique(labels, return_inverse=True)
@@ -216,8 +261,14 @@ def fit(features: Float[np.ndarray, "story feature"], labels: np.ndarray, train:
     return float((predicted == y[test].numpy()).mean()), float(f1_score(y[test], predicted, average="macro")), C
 
 
-def probe_features(features: dict[str, np.ndarray], stories: Sequence[str], labels: Sequence[str],
-                   step: int | None = None, seed: int = 0, progress: str | None = None) -> list[ProbeResult]:
+def probe_features(
+    features: dict[str, np.ndarray],
+    stories: Sequence[str],
+    labels: Sequence[str],
+    step: int | None = None,
+    seed: int = 0,
+    progress: str | None = None,
+) -> list[ProbeResult]:
     """A probe and its control per hook, on one split of the stories shared by every hook (and every step, for the
     same seed)."""
     check_labels(labels)
@@ -226,13 +277,29 @@ def probe_features(features: dict[str, np.ndarray], stories: Sequence[str], labe
     control = np.asarray(control_labels(stories, labels, train, seed))
     majority = majority_accuracy(y, train, test)
     results = []
-    for hook, x in tqdm(features.items(), desc=progress or "probe", disable=progress is None, dynamic_ncols=True, leave=False):
+    for hook, x in tqdm(
+        features.items(), desc=progress or "probe", disable=progress is None, dynamic_ncols=True, leave=False
+    ):
         start = time.perf_counter()
         x = np.asarray(x)
         accuracy, macro_f1, C = fit(x, y, train, val, test)
         control_accuracy, _, _ = fit(x, control, train, val, test)
-        results.append(ProbeResult(hook, step, accuracy, macro_f1, majority, control_accuracy, accuracy - control_accuracy,
-                                   C, len(set(labels)), len(train), len(test), time.perf_counter() - start))
+        results.append(
+            ProbeResult(
+                hook,
+                step,
+                accuracy,
+                macro_f1,
+                majority,
+                control_accuracy,
+                accuracy - control_accuracy,
+                C,
+                len(set(labels)),
+                len(train),
+                len(test),
+                time.perf_counter() - start,
+            )
+        )
     return results
 
 
@@ -241,25 +308,38 @@ def majority_accuracy(labels: np.ndarray, train: np.ndarray, test: np.ndarray) -
     return float((labels[test] == Counter(labels[train]).most_common(1)[0][0]).mean())
 
 
-def probe(model: HookedLlama, stories: Sequence[str], labels: Sequence[str], hooks: Sequence[str] = DEFAULT_HOOKS,
-          pool: str = "mean", step: int | None = None, seed: int = 0, batch_size: int = 32,
-          spill_dir: str | Path | None = None, progress: str | None = None) -> list[ProbeResult]:
+def probe(
+    model: HookedLlama,
+    stories: Sequence[str],
+    labels: Sequence[str],
+    hooks: Sequence[str] = DEFAULT_HOOKS,
+    pool: str = "mean",
+    step: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    spill_dir: str | Path | None = None,
+    progress: str | None = None,
+) -> list[ProbeResult]:
     """Probe one model: harvest each hook's pooled activations over `stories`, then fit a probe and its control."""
-    features = harvest(model, story_tokens(model, stories), resolve_hooks(model, hooks), pool, batch_size, spill_dir,
-                       progress)
+    features = harvest(
+        model, story_tokens(model, stories), resolve_hooks(model, hooks), pool, batch_size, spill_dir, progress
+    )
     return probe_features(features, stories, labels, step, seed, progress)
 
 
-def load_labelled(source: str | Path, label: str, split_name: str = "train", max_stories: int | None = None,
-                  seed: int = 0) -> tuple[list[str], list[str]]:
+def load_labelled(
+    source: str | Path, label: str, split_name: str = "train", max_stories: int | None = None, seed: int = 0
+) -> tuple[list[str], list[str]]:
     """Stories and their `label` column from a story source (see `sslens.data.load_stories`); a random sample of
     `max_stories` if given. Refuses, before any model work, what no probe can be fitted and tested on."""
     from .data import load_stories
 
     if max_stories is not None and max_stories < MIN_STORIES:
-        raise SSLensError(f"max_stories must be at least {MIN_STORIES}, not {max_stories}: the stories are split "
-                          "60/20/20 into train, validation and test, which needs 3 to fit the probe, 1 to choose C "
-                          "and 1 to test")
+        raise SSLensError(
+            f"max_stories must be at least {MIN_STORIES}, not {max_stories}: the stories are split "
+            "60/20/20 into train, validation and test, which needs 3 to fit the probe, 1 to choose C "
+            "and 1 to test"
+        )
     ds = load_stories(source, split_name)
     if label not in ds.column_names:
         columns = [c for c in ds.column_names if c != "story"]
@@ -274,8 +354,12 @@ def load_labelled(source: str | Path, label: str, split_name: str = "train", max
 @torch.inference_mode()
 def feature_widths(model: HookedLlama, hooks: Sequence[str]) -> list[int]:
     """The per-token width of each hook's activation."""
-    _, cache = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=model.W_E.device), names_filter=list(hooks),
-                                    return_type=None, return_cache_object=False)
+    _, cache = model.run_with_cache(
+        torch.zeros(1, 1, dtype=torch.long, device=model.W_E.device),
+        names_filter=list(hooks),
+        return_type=None,
+        return_cache_object=False,
+    )
     return [cache[h][0, 0].numel() for h in hooks]
 
 
@@ -294,9 +378,17 @@ def spill_needed(n_stories: int, widths: Sequence[int]) -> bool:
     return available is None or 4 * n_stories * sum(widths) > available / 4
 
 
-def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Sequence[str], labels: Sequence[str],
-                hooks: Sequence[str] = DEFAULT_HOOKS, pool: str = "mean", seed: int = 0, batch_size: int = 32,
-                progress: bool = False) -> list[ProbeResult]:
+def probe_steps(
+    path: str | Path,
+    steps: Sequence[int] | str | None,
+    stories: Sequence[str],
+    labels: Sequence[str],
+    hooks: Sequence[str] = DEFAULT_HOOKS,
+    pool: str = "mean",
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[ProbeResult]:
     """Probe a model directory at several checkpoints: `steps` is "all" (every saved step of a run), a list of steps,
     or None (the newest checkpoint, or the one model of a checkpoint/HF directory)."""
     from .checkpoint import load_model, requested_steps
@@ -310,8 +402,18 @@ def probe_steps(path: str | Path, steps: Sequence[int] | str | None, stories: Se
         model = first if i == 0 else load_model(path, step)
         with tempfile.TemporaryDirectory() as tmp:
             spill = tmp if spill_needed(len(stories), feature_widths(model, names)) else None
-            results += probe(model, stories, labels, names, pool, step, seed, batch_size, spill,
-                             progress=(f"step {step}" if step is not None else "model") if progress else None)
+            results += probe(
+                model,
+                stories,
+                labels,
+                names,
+                pool,
+                step,
+                seed,
+                batch_size,
+                spill,
+                progress=(f"step {step}" if step is not None else "model") if progress else None,
+            )
     return results
 
 
@@ -329,17 +431,37 @@ def accuracy_figure(results: Sequence[ProbeResult], title: str = "probe accuracy
             by_step = {r.step: r.accuracy for r in results if r.hook == hook}
             fig.add_scatter(x=x, y=[by_step.get(s) for s in steps], mode="lines+markers", name=hook)
         by_step = {s: [r for r in results if r.step == s] for s in steps}
-        fig.add_scatter(x=x, y=[by_step[s][0].majority for s in steps], mode="lines", name="majority class",
-                        line={"dash": "dot", "color": "gray"})
-        fig.add_scatter(x=x, y=[max(r.control_accuracy for r in by_step[s]) for s in steps], mode="lines",
-                        name="control task (best hook)", line={"dash": "dot", "color": "black"})
+        fig.add_scatter(
+            x=x,
+            y=[by_step[s][0].majority for s in steps],
+            mode="lines",
+            name="majority class",
+            line={"dash": "dot", "color": "gray"},
+        )
+        fig.add_scatter(
+            x=x,
+            y=[max(r.control_accuracy for r in by_step[s]) for s in steps],
+            mode="lines",
+            name="control task (best hook)",
+            line={"dash": "dot", "color": "black"},
+        )
         fig.update_layout(xaxis_title="training step", xaxis_type="category")
     else:
         fig.add_scatter(x=hooks, y=[r.accuracy for r in results], mode="lines+markers", name="probe")
-        fig.add_scatter(x=hooks, y=[r.control_accuracy for r in results], mode="lines+markers", name="control task",
-                        line={"dash": "dot"})
-        fig.add_scatter(x=hooks, y=[results[0].majority] * len(hooks), mode="lines", name="majority class",
-                        line={"dash": "dot", "color": "gray"})
+        fig.add_scatter(
+            x=hooks,
+            y=[r.control_accuracy for r in results],
+            mode="lines+markers",
+            name="control task",
+            line={"dash": "dot"},
+        )
+        fig.add_scatter(
+            x=hooks,
+            y=[results[0].majority] * len(hooks),
+            mode="lines",
+            name="majority class",
+            line={"dash": "dot", "color": "gray"},
+        )
         fig.update_layout(xaxis_title="hook")
     fig.update_layout(title=title, yaxis_title="test accuracy", yaxis_range=[0, 1], template="plotly_white")
     return fig
@@ -358,16 +480,23 @@ def write_results(results: Sequence[ProbeResult], out: str | Path, meta: dict) -
     writer.writeheader()
     writer.writerows(rows)
     figure = accuracy_figure(results, f"{meta.get('label', 'label')} probe accuracy, {meta.get('model', '')}")
-    files = {"results.csv": table.getvalue(), "results.json": json.dumps({**meta, "results": rows}, indent=2),
-             "accuracy.html": figure.to_html(include_plotlyjs=True)}
+    files = {
+        "results.csv": table.getvalue(),
+        "results.json": json.dumps({**meta, "results": rows}, indent=2),
+        "accuracy.html": figure.to_html(include_plotlyjs=True),
+    }
     for name, text in files.items():
         atomic_write_text(out / name, text)
     return [out / name for name in files]
 
 
 def format_results(results: Sequence[ProbeResult]) -> str:
-    lines = [f"{'step':>7}  {'hook':<28}{'accuracy':>9}{'macro-F1':>9}{'majority':>9}{'control':>9}{'select.':>9}{'C':>7}{'fit s':>7}"]
+    lines = [
+        f"{'step':>7}  {'hook':<28}{'accuracy':>9}{'macro-F1':>9}{'majority':>9}{'control':>9}{'select.':>9}{'C':>7}{'fit s':>7}"
+    ]
     for r in results:
-        lines.append(f"{'-' if r.step is None else r.step:>7}  {r.hook:<28}{r.accuracy:>9.3f}{r.macro_f1:>9.3f}{r.majority:>9.3f}"
-                     f"{r.control_accuracy:>9.3f}{r.selectivity:>9.3f}{r.C:>7g}{r.fit_s:>7.1f}")
+        lines.append(
+            f"{'-' if r.step is None else r.step:>7}  {r.hook:<28}{r.accuracy:>9.3f}{r.macro_f1:>9.3f}{r.majority:>9.3f}"
+            f"{r.control_accuracy:>9.3f}{r.selectivity:>9.3f}{r.C:>7g}{r.fit_s:>7.1f}"
+        )
     return "\n".join(lines)

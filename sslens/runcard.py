@@ -33,12 +33,22 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
 # Fixed prompts, so cards of different checkpoints and runs can be read side by side.
-PROMPTS = ("Once upon a time", "One day, Bimo went to the old treasure room.", "Lora had a good friend named Tavi.",
-           "The little robot wanted to", "In the quiet forest,")
+PROMPTS = (
+    "Once upon a time",
+    "One day, Bimo went to the old treasure room.",
+    "Lora had a good friend named Tavi.",
+    "The little robot wanted to",
+    "In the quiet forest,",
+)
 CONTINUATION_TOKENS = 60
 THEME = "theme"
-CARD_METRICS = {"val_loss": "validation loss", "induction": "best induction score", "name_copying": "name copying",
-                "theme_block": "theme probe, best block", "theme_embed": "theme probe, embedding"}
+CARD_METRICS = {
+    "val_loss": "validation loss",
+    "induction": "best induction score",
+    "name_copying": "name copying",
+    "theme_block": "theme probe, best block",
+    "theme_embed": "theme probe, embedding",
+}
 
 
 @dataclass
@@ -66,16 +76,36 @@ class RunCard:
 
     def markdown(self) -> str:
         """The card as Markdown: a table of the numbers, then the continuations."""
-        rows = [("step", self.step), ("tokens seen", _count(self.tokens_seen)),
-                ("validation loss", _num(self.val_loss) + (f" ({self.val_tokens:,} held-out tokens)" if self.val_tokens else "")),
-                ("best induction score (repeated random tokens)", f"{self.induction:.3f} ({self.induction_head})"),
-                ("name copying (later mentions of hero and friend)",
-                 "n/a" if self.name_copying is None else f"{self.name_copying:.1%} of {self.name_mentions:,}"),
-                ("theme probe, last token, best block", "n/a" if self.theme_block is None
-                 else f"{self.theme_block:.3f} ({self.theme_block_hook})"),
-                ("theme probe, last token, embedding", _num(self.theme_embed) +
-                 (f" (majority class {self.theme_chance:.3f})" if self.theme_chance is not None else ""))]
-        lines = ["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), "", "Greedy continuations:", ""]
+        rows = [
+            ("step", self.step),
+            ("tokens seen", _count(self.tokens_seen)),
+            (
+                "validation loss",
+                _num(self.val_loss) + (f" ({self.val_tokens:,} held-out tokens)" if self.val_tokens else ""),
+            ),
+            ("best induction score (repeated random tokens)", f"{self.induction:.3f} ({self.induction_head})"),
+            (
+                "name copying (later mentions of hero and friend)",
+                "n/a" if self.name_copying is None else f"{self.name_copying:.1%} of {self.name_mentions:,}",
+            ),
+            (
+                "theme probe, last token, best block",
+                "n/a" if self.theme_block is None else f"{self.theme_block:.3f} ({self.theme_block_hook})",
+            ),
+            (
+                "theme probe, last token, embedding",
+                _num(self.theme_embed)
+                + (f" (majority class {self.theme_chance:.3f})" if self.theme_chance is not None else ""),
+            ),
+        ]
+        lines = [
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {k} | {v} |" for k, v in rows),
+            "",
+            "Greedy continuations:",
+            "",
+        ]
         lines += [f"- **{p}** {c.strip()}" for p, c in self.continuations]
         return "\n".join(lines)
 
@@ -88,15 +118,21 @@ def _count(x: int | None) -> str:
     return "n/a" if x is None else f"{x:,}"
 
 
-def evaluate(path: str | Path, step: int | None = None, data: str | None = None,
-             probe_stories: int = CARD_PROBE_STORIES) -> RunCard:
+def evaluate(
+    path: str | Path, step: int | None = None, data: str | None = None, probe_stories: int = CARD_PROBE_STORIES
+) -> RunCard:
     """The card of a run's checkpoint (newest, or `step`), a checkpoint or HF directory, or a hub name. Stories: the
     run's held-out validation stories; for another model, the test split of `data` (default: the embedded corpus)."""
     return evaluate_steps(path, [step] if step is not None else None, data, probe_stories)[0]
 
 
-def evaluate_steps(path: str | Path, steps: Sequence[int] | str | None, data: str | None = None,
-                   probe_stories: int = CARD_PROBE_STORIES, progress: bool = False) -> list[RunCard]:
+def evaluate_steps(
+    path: str | Path,
+    steps: Sequence[int] | str | None,
+    data: str | None = None,
+    probe_stories: int = CARD_PROBE_STORIES,
+    progress: bool = False,
+) -> list[RunCard]:
     """A card per checkpoint: `steps` is "all" (every saved step), a list of steps, or None (the newest, or the
     one model of a directory or hub name). The stories are read once for all of them."""
     steps = requested_steps(path, steps, "evaluate")
@@ -111,8 +147,9 @@ def evaluate_steps(path: str | Path, steps: Sequence[int] | str | None, data: st
     return cards
 
 
-def card(model: HookedLlama, path: str | Path, card_step: int | None, val: datasets.Dataset,
-         probe_set: datasets.Dataset) -> RunCard:
+def card(
+    model: HookedLlama, path: str | Path, card_step: int | None, val: datasets.Dataset, probe_set: datasets.Dataset
+) -> RunCard:
     """The card of one loaded model: loss on `val`, names and theme on `probe_set`."""
     seen = tokens_seen(path) if card_step is not None else {}
     induction = repeated_tokens_induction_scores(model, seq_len=min(50, model.cfg.n_ctx // 2))
@@ -120,9 +157,22 @@ def card(model: HookedLlama, path: str | Path, card_step: int | None, val: datas
     loss, n_tokens = stories_loss(model, val["story"])
     copying, mentions, block, hook, embed, chance = story_measures(model, probe_set)
     samples = model.generate(list(PROMPTS), CONTINUATION_TOKENS, temperature=0)
-    return RunCard(model.cfg.model_name, card_step, seen.get(card_step), loss, n_tokens, float(induction.max()),
-                   f"L{layer}H{head}", copying, mentions, block, hook, embed, chance,
-                   [(p, s.text) for p, s in zip(PROMPTS, samples)])
+    return RunCard(
+        model.cfg.model_name,
+        card_step,
+        seen.get(card_step),
+        loss,
+        n_tokens,
+        float(induction.max()),
+        f"L{layer}H{head}",
+        copying,
+        mentions,
+        block,
+        hook,
+        embed,
+        chance,
+        [(p, s.text) for p, s in zip(PROMPTS, samples)],
+    )
 
 
 def model_step(path: str | Path, step: int | None) -> int | None:
@@ -193,8 +243,10 @@ class NameCopying:
     def __init__(self, model: HookedLlama, stories: datasets.Dataset, ids: Sequence[Sequence[int]]):
         self.candidates = name_first_tokens(model).to(model.W_E.device)
         casts = [synth.story_cast(g) for g in stories["generation_id"]]
-        self.mentions = [name_mentions(model.tokenizer, text, (c["hero"], c["friend"]), model.cfg.n_ctx)
-                         for text, c in zip(stories["story"], casts)]
+        self.mentions = [
+            name_mentions(model.tokenizer, text, (c["hero"], c["friend"]), model.cfg.n_ctx)
+            for text, c in zip(stories["story"], casts)
+        ]
         self.ids, self.right, self.total = ids, 0, 0
 
     def __call__(self, rows: list[int], logits: Float[Tensor, "batch pos d_vocab"]) -> None:
@@ -248,13 +300,17 @@ def theme_probe(features: dict[str, np.ndarray], themes: Sequence[str]) -> tuple
 
 def cards_table(cards: Sequence[RunCard]) -> str:
     """One row per card: step, tokens and the card's numbers, as aligned text."""
-    head = f"{'step':>6} {'tokens':>11} {'val_loss':>8} {'induction':>13} {'names':>6} {'theme blk':>9} {'theme emb':>9}"
+    head = (
+        f"{'step':>6} {'tokens':>11} {'val_loss':>8} {'induction':>13} {'names':>6} {'theme blk':>9} {'theme emb':>9}"
+    )
     rows = [head]
     for c in cards:
-        rows.append(f"{c.step if c.step is not None else '-':>6} {_count(c.tokens_seen):>11} {_num(c.val_loss):>8} "
-                    f"{c.induction:>6.3f} {c.induction_head:>6} "
-                    f"{'n/a' if c.name_copying is None else f'{c.name_copying:.1%}':>6} "
-                    f"{_num(c.theme_block):>9} {_num(c.theme_embed):>9}")
+        rows.append(
+            f"{c.step if c.step is not None else '-':>6} {_count(c.tokens_seen):>11} {_num(c.val_loss):>8} "
+            f"{c.induction:>6.3f} {c.induction_head:>6} "
+            f"{'n/a' if c.name_copying is None else f'{c.name_copying:.1%}':>6} "
+            f"{_num(c.theme_block):>9} {_num(c.theme_embed):>9}"
+        )
     return "\n".join(rows)
 
 
@@ -262,14 +318,20 @@ def cards_figure(cards: Sequence[RunCard], title: str = "run card against traini
     """Each metric of the cards against training step, one panel per metric."""
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=len(CARD_METRICS) - 1, subplot_titles=list(CARD_METRICS.values())[:-2] + ["theme probe (last token)"])
+    fig = make_subplots(
+        rows=1,
+        cols=len(CARD_METRICS) - 1,
+        subplot_titles=list(CARD_METRICS.values())[:-2] + ["theme probe (last token)"],
+    )
     steps = [c.step for c in cards]
     for col, key in enumerate(("val_loss", "induction", "name_copying"), 1):
-        fig.add_scatter(x=steps, y=[getattr(c, key) for c in cards], mode="lines+markers", name=CARD_METRICS[key],
-                        row=1, col=col)
+        fig.add_scatter(
+            x=steps, y=[getattr(c, key) for c in cards], mode="lines+markers", name=CARD_METRICS[key], row=1, col=col
+        )
     for key in ("theme_block", "theme_embed"):
-        fig.add_scatter(x=steps, y=[getattr(c, key) for c in cards], mode="lines+markers", name=CARD_METRICS[key],
-                        row=1, col=4)
+        fig.add_scatter(
+            x=steps, y=[getattr(c, key) for c in cards], mode="lines+markers", name=CARD_METRICS[key], row=1, col=4
+        )
     fig.update_xaxes(title_text="step")
     fig.update_layout(title=title, height=360)
     return fig

@@ -29,8 +29,10 @@ class RunLock:
             except BlockingIOError:
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise SSLensError(f"{run_dir} is being written by another sslens process (PID {holder}); wait for it "
-                                  "to finish or stop it, or choose another --out_dir") from None
+                raise SSLensError(
+                    f"{run_dir} is being written by another sslens process (PID {holder}); wait for it "
+                    "to finish or stop it, or choose another --out_dir"
+                ) from None
             if self._still_at_path(fd):
                 break
             os.close(fd)  # the holder before us removed this file on release: lock the one now at the path

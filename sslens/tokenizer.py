@@ -20,17 +20,25 @@ UNK, EOS = "[UNK]", "[EOS]"
 def simplestories_pipeline(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     """Give `tok` the pipeline of the official SimpleStories tokenizers: lowercase (`` and '' become "), split on
     whitespace, isolate punctuation and single digits, WordPiece decoding, [EOS] appended by the post-processor."""
-    tok.normalizer = normalizers.Sequence([
-        normalizers.Lowercase(), normalizers.Replace("``", '"'), normalizers.Replace("''", '"'),
-    ])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
+    tok.normalizer = normalizers.Sequence(
+        [
+            normalizers.Lowercase(),
+            normalizers.Replace("``", '"'),
+            normalizers.Replace("''", '"'),
+        ]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Whitespace(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     if tok.token_to_id(EOS) is not None:
-        tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair="$A $B:1",
-                                                           special_tokens=[(EOS, tok.token_to_id(EOS))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair="$A $B:1", special_tokens=[(EOS, tok.token_to_id(EOS))]
+        )
     return tok
 
 
@@ -41,12 +49,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> tokenizers.
     if vocab_size < 1:
         raise SSLensError(f"the vocabulary size must be positive, got {vocab_size}")
     tok = simplestories_pipeline(tokenizers.Tokenizer(WordPiece(unk_token=UNK, continuing_subword_prefix="##")))
-    tok.train_from_iterator(texts, WordPieceTrainer(vocab_size=vocab_size, special_tokens=[UNK, EOS],
-                                                    continuing_subword_prefix="##", show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=[UNK, EOS], continuing_subword_prefix="##", show_progress=False
+        ),
+    )
     if tok.get_vocab_size() > vocab_size:
-        raise SSLensError(f"a vocabulary of {vocab_size} tokens cannot hold these stories: [UNK], [EOS] and each "
-                          f"character, alone and as a ##continuation, take {tok.get_vocab_size()}; ask for at least "
-                          f"{tok.get_vocab_size()} (d_vocab when training, --vocab-size for sslens tokenizer train)")
+        raise SSLensError(
+            f"a vocabulary of {vocab_size} tokens cannot hold these stories: [UNK], [EOS] and each "
+            f"character, alone and as a ##continuation, take {tok.get_vocab_size()}; ask for at least "
+            f"{tok.get_vocab_size()} (d_vocab when training, --vocab-size for sslens tokenizer train)"
+        )
     return simplestories_pipeline(tok)  # again, now that [EOS] has an id for the post-processor
 
 

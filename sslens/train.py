@@ -57,8 +57,9 @@ SAMPLE_PROMPT = "Once upon a time"
 LAGGED_DEVICES = ("cuda",)  # where a step's loss and gradient norm are read during the next step (see `train`)
 
 
-def next_token_loss(logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"],
-                    reduction: str = "mean") -> Float[Tensor, ""]:
+def next_token_loss(
+    logits: Float[Tensor, "batch pos d_vocab"], targets: Int[Tensor, "batch pos"], reduction: str = "mean"
+) -> Float[Tensor, ""]:
     """Cross-entropy of each position's logits against its next token, in fp32."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
 
@@ -128,8 +129,12 @@ def adamw(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_
     than foreach for 5M), and it can skip a step on the device (see `skip_if_not_finite`)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=lr, betas=betas, fused=True)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        fused=True,
+    )
 
 
 def skip_if_not_finite(optimizer: torch.optim.Optimizer, loss: Tensor, grad_norm: Tensor) -> None:
@@ -245,7 +250,9 @@ class StopRequest:
         return self.agreed if world > 1 else self.signum is not None
 
     def interrupted(self, step: int) -> Interrupted:
-        return Interrupted(f"interrupted at step {step}; checkpoint saved; continue with --resume", self.signum or signal.SIGINT)
+        return Interrupted(
+            f"interrupted at step {step}; checkpoint saved; continue with --resume", self.signum or signal.SIGINT
+        )
 
 
 def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> None:
@@ -254,9 +261,11 @@ def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> N
     need = n_checkpoints * 12 * n_params + (64 << 20)  # + room for metrics, tokenizer and a checkpoint being written
     free = shutil.disk_usage(run_dir).free
     if free < need:
-        raise SSLensError(f"{run_dir} has {free / 2**30:.2f} GiB free but {n_checkpoints} checkpoints of this model need "
-                          f"about {need / 2**30:.2f} GiB; free space, choose another --out_dir or fewer checkpoints "
-                          f"(--checkpoint_schedule)")
+        raise SSLensError(
+            f"{run_dir} has {free / 2**30:.2f} GiB free but {n_checkpoints} checkpoints of this model need "
+            f"about {need / 2**30:.2f} GiB; free space, choose another --out_dir or fewer checkpoints "
+            f"(--checkpoint_schedule)"
+        )
 
 
 def _on_rank0(world: int, fn):
@@ -306,8 +315,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
             dist.destroy_process_group()
 
 
-def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, rank: int, world: int, run_dir: Path,
-                 created: bool, stop: StopRequest) -> Path:
+def run_training(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+    run_dir: Path,
+    created: bool,
+    stop: StopRequest,
+) -> Path:
     """`train` in its locked run directory: set-up (refused before anything is written), then the loop."""
     main = rank == 0
     with removed_on_refusal(run_dir, created and main):
@@ -315,12 +332,16 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
             saved = read_run_config(run_dir)
             changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
             if changed:
-                raise SSLensError(f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
-                                  f"{getattr(model_cfg, changed[0])!r}; a run keeps its model")
+                raise SSLensError(
+                    f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
+                    f"{getattr(model_cfg, changed[0])!r}; a run keeps its model"
+                )
         tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
         accum = max(1, cfg.total_batch_size // tokens_per_micro)
         if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
-            raise SSLensError(f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}")
+            raise SSLensError(
+                f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}"
+            )
         torch.manual_seed(cfg.seed)
         model = HookedLlama(model_cfg)
         model.init_weights(cfg.seed)
@@ -341,8 +362,10 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
             model.tokenizer = tok
             check_sample_prompt(tok, model_cfg, cfg)
             record = check_split(run_dir, split, cfg)
-            for stories, what in ((train_stories, "the training stories"),
-                                  (val_stories, f"the validation stories ({record['validation']})")):
+            for stories, what in (
+                (train_stories, "the training stories"),
+                (val_stories, f"the validation stories ({record['validation']})"),
+            ):
                 Batches(tokenize(stories, tok), model_cfg.n_ctx, 1, what=what)  # and the token cache, for every rank
             save_tokenizer(tok, run_dir / "tokenizer.json")
             write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
@@ -368,8 +391,12 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
 
     def checkpoint() -> None:
         if main:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "data_position": batches.position,
-                     "torch_rng": torch.get_rng_state()}
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "data_position": batches.position,
+                "torch_rng": torch.get_rng_state(),
+            }
             save_checkpoint(run_dir, step, model, state)
         _barrier(world)
 
@@ -393,19 +420,31 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
         loss, grad_norm = p.loss.item(), p.grad_norm.item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # its update was skipped: weights stay finite
             kept = saved_steps(run_dir)
-            raise SSLensError(f"the loss is {loss} and the gradient norm {grad_norm} at step {p.step}; "
-                              "training stopped. The newest good "
-                              + (f"checkpoint is step {kept[-1]}" if kept else "state is the initialisation (no checkpoint yet)")
-                              + ": lower --lr or check the data, then --resume")
+            raise SSLensError(
+                f"the loss is {loss} and the gradient norm {grad_norm} at step {p.step}; "
+                "training stopped. The newest good "
+                + (f"checkpoint is step {kept[-1]}" if kept else "state is the initialisation (no checkpoint yet)")
+                + ": lower --lr or check the data, then --resume"
+            )
         seconds = p.began.seconds_to(p.ended)
-        record = {"step": p.step, "tokens": p.step * accum * tokens_per_micro * world, "loss": round(loss, 6),
-                  "lr": p.lr, "grad_norm": round(grad_norm, 6),
-                  "tok_s": round(accum * tokens_per_micro * world / seconds), "mfu": round(step_flops / seconds / peak, 4)}
+        record = {
+            "step": p.step,
+            "tokens": p.step * accum * tokens_per_micro * world,
+            "loss": round(loss, 6),
+            "lr": p.lr,
+            "grad_norm": round(grad_norm, 6),
+            "tok_s": round(accum * tokens_per_micro * world / seconds),
+            "mfu": round(step_flops / seconds / peak, 4),
+        }
         if validates(p.step):
             record["val_loss"] = round(validation_loss(model, val, cfg.val_batches, device, amp), 6)
             if main and cfg.val_samples:  # seeded by the step: resume writes the same stories, global RNG untouched
-                record["samples"] = [SAMPLE_PROMPT + s.text for s in model.generate(
-                    SAMPLE_PROMPT, 48, temperature=0.8, top_k=40, seed=p.step, num_samples=cfg.val_samples)]
+                record["samples"] = [
+                    SAMPLE_PROMPT + s.text
+                    for s in model.generate(
+                        SAMPLE_PROMPT, 48, temperature=0.8, top_k=40, seed=p.step, num_samples=cfg.val_samples
+                    )
+                ]
         if p.stop is not None and p.stop.item() > 0:  # some rank was signalled: all stop after the step in progress
             stop.agreed = True
         if p.step % cfg.log_every == 0 or "val_loss" in record or p.step in schedule:
@@ -419,8 +458,11 @@ def run_training(model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device,
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{p.lr:.2e}", tok_s=record["tok_s"], mfu=f"{record['mfu']:.1%}")
         if main and bar.disable and (p.step % print_every == 0 or p.step == cfg.max_steps):
-            print(progress_line(record, cfg.max_steps, p.step - first_step, time.perf_counter() - started),
-                  file=sys.stderr, flush=True)
+            print(
+                progress_line(record, cfg.max_steps, p.step - first_step, time.perf_counter() - started),
+                file=sys.stderr,
+                flush=True,
+            )
 
     with writing(metrics_path), open(metrics_path, "a") if main else open(os.devnull, "w") as log:
         while step < cfg.max_steps:
@@ -463,8 +505,10 @@ def progress_line(record: dict, max_steps: int, steps_done: int, seconds: float)
     """One plain line for a log that no progress bar reaches: step, losses, speed, time so far and to go."""
     eta = seconds / max(1, steps_done) * (max_steps - record["step"])
     val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-    return (f"step {record['step']}/{max_steps} loss {record['loss']:.4f}{val} tok/s {record['tok_s']:,} "
-            f"elapsed {duration(seconds)} eta {duration(eta)}")
+    return (
+        f"step {record['step']}/{max_steps} loss {record['loss']:.4f}{val} tok/s {record['tok_s']:,} "
+        f"elapsed {duration(seconds)} eta {duration(eta)}"
+    )
 
 
 def duration(seconds: float) -> str:
@@ -506,12 +550,20 @@ def start_wandb(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig):
     id_file = run_dir / "wandb_id"
     if not id_file.is_file():
         atomic_write_text(id_file, secrets.token_hex(4))
-    return wandb.init(project=cfg.wandb_project, name=run_dir.name, id=id_file.read_text().strip(), resume="allow",
-                      dir=str(run_dir), config=model_cfg.to_dict() | cfg.to_dict())
+    return wandb.init(
+        project=cfg.wandb_project,
+        name=run_dir.name,
+        id=id_file.read_text().strip(),
+        resume="allow",
+        dir=str(run_dir),
+        config=model_cfg.to_dict() | cfg.to_dict(),
+    )
 
 
 @torch.no_grad()
-def validation_loss(model: HookedLlama, val: Batches, n_batches: int, device: torch.device, amp: torch.dtype | None) -> float:
+def validation_loss(
+    model: HookedLlama, val: Batches, n_batches: int, device: torch.device, amp: torch.dtype | None
+) -> float:
     """Mean loss over the first n_batches windows of the held-out stream (always the same windows)."""
     model.eval()
     windows = min(val.n_windows, n_batches * val.batch_size)
@@ -548,8 +600,11 @@ def keep_metrics_until(path: Path, step: int) -> None:
     if path.exists():
         records, bad = read_metrics(path)
         if bad:
-            print(f"sslens: warning: {path}: dropped line {', '.join(map(str, bad))}, not a complete record "
-                  "(a write cut short)", file=sys.stderr)
+            print(
+                f"sslens: warning: {path}: dropped line {', '.join(map(str, bad))}, not a complete record "
+                "(a write cut short)",
+                file=sys.stderr,
+            )
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
@@ -557,8 +612,10 @@ def check_sample_prompt(tok, model_cfg: ModelConfig, cfg: TrainConfig) -> None:
     """Validation samples continue SAMPLE_PROMPT: refuse, at start, a context too short to hold it and one token."""
     length = len(encode(tok, SAMPLE_PROMPT, eos=False))
     if cfg.val_samples and length >= model_cfg.n_ctx:
-        raise SSLensError(f"n_ctx {model_cfg.n_ctx} leaves no room to continue the validation samples' prompt "
-                          f"{SAMPLE_PROMPT!r} ({length} tokens); raise n_ctx above {length} or set --val_samples=0")
+        raise SSLensError(
+            f"n_ctx {model_cfg.n_ctx} leaves no room to continue the validation samples' prompt "
+            f"{SAMPLE_PROMPT!r} ({length} tokens); raise n_ctx above {length} or set --val_samples=0"
+        )
 
 
 def check_split(run_dir: Path, split: Split, cfg: TrainConfig) -> dict:
@@ -568,6 +625,8 @@ def check_split(run_dir: Path, split: Split, cfg: TrainConfig) -> dict:
     saved = read_split(run_dir) if cfg.resume else None
     keys = ("validation", "train_fingerprint", "val_fingerprint")
     if saved is not None and any(saved.get(k) != record[k] for k in keys):
-        raise SSLensError(f"--resume: the training or validation stories differ from those in {run_dir}/split.json "
-                          "(the data or the seed changed); resume with the run's own data and seed")
+        raise SSLensError(
+            f"--resume: the training or validation stories differ from those in {run_dir}/split.json "
+            "(the data or the seed changed); resume with the run's own data and seed"
+        )
     return record

@@ -23,7 +23,9 @@ def shared_file(relative: str) -> Path:
     """A file from ../shared/data (real SimpleStories/TinyStories material), or skip the test saying why."""
     path = SHARED_DATA / relative
     if not path.is_file():
-        pytest.skip(f"{path} is absent: the shared SimpleStories data sits beside the checkout (or set SSLENS_SHARED_DATA)")
+        pytest.skip(
+            f"{path} is absent: the shared SimpleStories data sits beside the checkout (or set SSLENS_SHARED_DATA)"
+        )
     return path
 
 
@@ -57,9 +59,25 @@ def tiny_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     model_cfg, cfg = load_train_config(
-        "1.25M", n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_mlp=170, d_vocab=1024, n_ctx=128,
-        batch_size=16, max_steps=300, warmup_steps=20, lr=1e-2, val_every=100, log_every=10, data="synth:2000", dtype="float32",
-        compile="false", out_dir=str(out))
+        "1.25M",
+        n_layers=2,
+        d_model=64,
+        n_heads=4,
+        n_key_value_heads=2,
+        d_mlp=170,
+        d_vocab=1024,
+        n_ctx=128,
+        batch_size=16,
+        max_steps=300,
+        warmup_steps=20,
+        lr=1e-2,
+        val_every=100,
+        log_every=10,
+        data="synth:2000",
+        dtype="float32",
+        compile="false",
+        out_dir=str(out),
+    )
     return train(model_cfg, cfg)
 
 
@@ -84,7 +102,9 @@ def small_disk(tmp_path):
         where.mkdir()
         if os.geteuid() != 0 or shutil.which("mount") is None:
             pytest.skip("a real full disk needs root to mount a small tmpfs")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+        )
         if r.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
         mounted.append(where)

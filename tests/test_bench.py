@@ -33,7 +33,10 @@ def test_generate_rows_on_a_tiny_run():
     from sslens.bench import bench_generate
 
     rows = bench_generate("1.25M", batches=(1,), new_tokens=4, reps=1)
-    assert [r.name for r in rows] == ["generate_b1_vs_hf", "generate_b1_compiled_vs_hf"] and [r.goal for r in rows] == [None, 4.0]
+    assert [r.name for r in rows] == ["generate_b1_vs_hf", "generate_b1_compiled_vs_hf"] and [r.goal for r in rows] == [
+        None,
+        4.0,
+    ]
     assert all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
 
 
@@ -55,13 +58,38 @@ def test_probe_rows():
 
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "sslens.cli", "bench", "--preset", "1.25M", "--batch", "1", "--seq", "8",
-                        "--quick", "--json", str(out)], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sslens.cli",
+            "bench",
+            "--preset",
+            "1.25M",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "forward_nohooks_vs_hf" in r.stdout and "cache_vs_tl_bridge" in r.stdout
-    assert set(json.loads(out.read_text())) == {"forward_nohooks_vs_hf", "cache_vs_tl_bridge", "generate_b1_vs_hf",
-                                                "generate_b8_vs_hf", "train_fp32_vs_hf_1.25M", "explorer_ms",
-                                                "explorer_no_generation_ms", "harvest_one_hook_vs_full_cache",
-                                                "probe_fit_s_per_hook"}
+    assert set(json.loads(out.read_text())) == {
+        "forward_nohooks_vs_hf",
+        "cache_vs_tl_bridge",
+        "generate_b1_vs_hf",
+        "generate_b8_vs_hf",
+        "train_fp32_vs_hf_1.25M",
+        "explorer_ms",
+        "explorer_no_generation_ms",
+        "harvest_one_hook_vs_full_cache",
+        "probe_fit_s_per_hook",
+    }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA, so --device cuda is not refused")
@@ -81,12 +109,40 @@ def test_a_row_that_fails_says_why_and_the_table_goes_on():
     assert rows[0].error == "RuntimeError: peer needs transformers>=9" and rows[0].ratio != rows[0].ratio  # NaN
     assert rows[1] is fine
     table = format_rows(rows, "header").splitlines()
-    assert table[2].split() == ["broken_vs_peer", "not", "measured:", "RuntimeError:", "peer", "needs", "transformers>=9"]
+    assert table[2].split() == [
+        "broken_vs_peer",
+        "not",
+        "measured:",
+        "RuntimeError:",
+        "peer",
+        "needs",
+        "transformers>=9",
+    ]
     assert table[3].startswith("fine_vs_peer") and "[ok]" in table[3]
 
 
 def test_cli_train_suite_runs_the_training_rows_alone(tmp_path):
     out = tmp_path / "train.json"
-    r = subprocess.run([sys.executable, "-m", "sslens", "bench", "--suite", "train", "--preset", "1.25M", "--batch", "1",
-                        "--seq", "8", "--quick", "--json", str(out)], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sslens",
+            "bench",
+            "--suite",
+            "train",
+            "--preset",
+            "1.25M",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--quick",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert set(json.loads(out.read_text())) == {"train_fp32_vs_hf_1.25M"} and "train_fp32_vs_hf_1.25M" in r.stdout

@@ -35,11 +35,14 @@ def test_preset_architecture_and_exact_parameter_count(name):
     assert parameter_count(cfg) == n_params  # the count the memory check uses, from the config alone
 
 
-@pytest.mark.parametrize("shape", [
-    dict(n_layers=1, d_model=12, n_heads=6, n_key_value_heads=3, d_mlp=7, d_vocab=13, n_ctx=5),
-    dict(n_layers=3, d_model=64, n_heads=8, n_key_value_heads=1, d_mlp=1, d_vocab=2, n_ctx=1),
-    dict(n_layers=2, d_model=48, n_heads=2, n_key_value_heads=2, d_mlp=333, d_vocab=1001, n_ctx=64),
-])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(n_layers=1, d_model=12, n_heads=6, n_key_value_heads=3, d_mlp=7, d_vocab=13, n_ctx=5),
+        dict(n_layers=3, d_model=64, n_heads=8, n_key_value_heads=1, d_mlp=1, d_vocab=2, n_ctx=1),
+        dict(n_layers=2, d_model=48, n_heads=2, n_key_value_heads=2, d_mlp=333, d_vocab=1001, n_ctx=64),
+    ],
+)
 def test_parameter_count_of_odd_shapes_is_exact(shape):
     cfg = ModelConfig(**shape)
     assert parameter_count(cfg) == sum(p.numel() for p in HookedLlama(cfg).parameters())
@@ -66,8 +69,9 @@ with torch.no_grad():
     model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), lambda x, hook: x)])
 print(peak() - before, memory_needed(model.cfg) - 4 * parameter_count(model.cfg))
 """
-    measured, estimate = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                                 check=True).stdout.split())
+    measured, estimate = map(
+        int, subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    )
     assert measured <= estimate <= 2 * measured, (measured, estimate)
 
 
@@ -94,7 +98,11 @@ def test_round_trip_and_yaml_file(tmp_path):
 
 
 def test_overrides_are_parsed_as_yaml():
-    assert parse_overrides(["--n_layers=2", "eps=1e-5", "model_name=x"]) == {"n_layers": 2, "eps": "1e-5", "model_name": "x"}
+    assert parse_overrides(["--n_layers=2", "eps=1e-5", "model_name=x"]) == {
+        "n_layers": 2,
+        "eps": "1e-5",
+        "model_name": "x",
+    }
     assert parse_overrides(["--resume", "--compile=False"]) == {"resume": True, "compile": False}  # a bare flag is True
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["n_layers"])
@@ -105,7 +113,9 @@ def test_a_number_given_for_text_is_its_text():
     from sslens.checkpoint import checkpoint_steps
     from sslens.config import load_train_config
 
-    cfg = load_train_config("1.25M", **parse_overrides(["--checkpoint_schedule=200", "--out_dir=2024", "--max_steps=300"]))[1]
+    cfg = load_train_config(
+        "1.25M", **parse_overrides(["--checkpoint_schedule=200", "--out_dir=2024", "--max_steps=300"])
+    )[1]
     assert (cfg.checkpoint_schedule, cfg.out_dir) == ("200", "2024")
     assert checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every) == {200, 300}
     with pytest.raises(ConfigError, match="out_dir must be str, got True"):
@@ -122,17 +132,20 @@ def test_compile_takes_the_seeds_spelling_and_auto():
         load_train_config("5M", compile="sometimes")
 
 
-@pytest.mark.parametrize("overrides, field", [
-    ({"n_heads": 3}, "n_heads"),                       # d_model 128 not divisible by 3
-    ({"n_key_value_heads": 3}, "n_key_value_heads"),   # 4 heads not divisible by 3 KV heads
-    ({"n_layers": "four"}, "n_layers"),
-    ({"n_layers": True}, "n_layers"),
-    ({"eps": "small"}, "eps"),
-    ({"n_layers": 0}, "n_layers"),
-    ({"eps": -1.0}, "eps"),
-    ({"d_model": 120, "n_heads": 8}, "d_head"),       # d_head 15 is odd: RoPE rotates pairs
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"n_heads": 3}, "n_heads"),  # d_model 128 not divisible by 3
+        ({"n_key_value_heads": 3}, "n_key_value_heads"),  # 4 heads not divisible by 3 KV heads
+        ({"n_layers": "four"}, "n_layers"),
+        ({"n_layers": True}, "n_layers"),
+        ({"eps": "small"}, "eps"),
+        ({"n_layers": 0}, "n_layers"),
+        ({"eps": -1.0}, "eps"),
+        ({"d_model": 120, "n_heads": 8}, "d_head"),  # d_head 15 is odd: RoPE rotates pairs
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config("1.25M", **overrides)
@@ -154,12 +167,15 @@ def test_bad_files(tmp_path):
         load_config(tmp_path / "partial.yaml")
 
 
-@pytest.mark.parametrize("args, words", [
-    (["model", "5M", "--n_heads=3"], "n_heads"),
-    (["model", "nope"], "unknown preset"),
-    (["model", "5M", "--bogus=1"], "bogus"),
-    (["model", "5M", "--n_layers=four"], "n_layers"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["model", "5M", "--n_heads=3"], "n_heads"),
+        (["model", "nope"], "unknown preset"),
+        (["model", "5M", "--bogus=1"], "bogus"),
+        (["model", "5M", "--n_layers=four"], "n_layers"),
+    ],
+)
 def test_cli_reports_bad_config_in_one_line(args, words):
     r = subprocess.run([sys.executable, "-m", "sslens.cli", *args], capture_output=True, text=True)
     assert r.returncode == 2
@@ -168,8 +184,12 @@ def test_cli_reports_bad_config_in_one_line(args, words):
 
 
 def test_cli_model_prints_hooks_and_exports(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sslens.cli", "model", "1.25M", "--n_layers=2", "--export", str(tmp_path / "hf")],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "sslens.cli", "model", "1.25M", "--n_layers=2", "--export", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     n_params = sum(p.numel() for p in HookedLlama.from_preset("1.25M", n_layers=2).parameters())
     assert f"{n_params:,} parameters" in r.stdout and "blocks.0.attn.hook_pattern" in r.stdout
     assert "blocks.2." not in r.stdout

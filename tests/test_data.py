@@ -32,8 +32,11 @@ def frame() -> pd.DataFrame:
 def test_local_files_keep_metadata(tmp_path, suffix):
     path = tmp_path / f"stories{suffix}"
     df = frame()
-    {".parquet": lambda: df.to_parquet(path), ".jsonl": lambda: df.to_json(path, orient="records", lines=True),
-     ".json": lambda: path.write_text(json.dumps(df.to_dict(orient="records")))}[suffix]()
+    {
+        ".parquet": lambda: df.to_parquet(path),
+        ".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+        ".json": lambda: path.write_text(json.dumps(df.to_dict(orient="records"))),
+    }[suffix]()
     ds = load_stories(path)
     assert list(ds["story"]) == STORIES and ds["theme"][:2] == ["Friendship", "Courage"] and ds["word_count"][-1] == 39
 
@@ -61,7 +64,11 @@ def test_txt_rules(tmp_path):
     stories = load_stories(shared_file("tinystories/tinystories_sample_cs336.txt"))
     assert len(stories) == 5 and all("<|endoftext|>" not in s for s in stories["story"])
     (tmp_path / "s.txt").write_text("One day, Mia ran.\nShe fell.\n\n\nThe end came.\n  \nLast one.")
-    assert list(load_stories(tmp_path / "s.txt")["story"]) == ["One day, Mia ran.\nShe fell.", "The end came.", "Last one."]
+    assert list(load_stories(tmp_path / "s.txt")["story"]) == [
+        "One day, Mia ran.\nShe fell.",
+        "The end came.",
+        "Last one.",
+    ]
 
 
 def test_text_column_detection_and_errors(tmp_path):

@@ -45,8 +45,10 @@ def generation_html(at: AppTest) -> str:
 
 def charts(at: AppTest) -> dict[str, dict]:
     """Each plotly chart's figure and config, by the chart's key."""
-    return {el.proto.id.rpartition("-")[2]: {**json.loads(el.proto.spec), "config": json.loads(el.proto.config)}
-            for el in at.get("plotly_chart")}
+    return {
+        el.proto.id.rpartition("-")[2]: {**json.loads(el.proto.spec), "config": json.loads(el.proto.config)}
+        for el in at.get("plotly_chart")
+    }
 
 
 def test_finding_and_resolving_models(tiny_run, tmp_path):
@@ -89,9 +91,10 @@ def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monk
     np.testing.assert_allclose(z_of(target[0]), expected_lens.target_probs.numpy(), atol=1e-6)
     probs = token_probabilities(model, torch.tensor(ids + sample.tokens), k=10)
     spans = re.findall(r"<span title='p=([\d.]+)'[^>]*>(.*?)</span>", generation_html(at))
-    assert [text for _, text in spans] == [html.escape(model.tokenizer.id_to_token(t).removeprefix("##"))
-                                          for t in sample.tokens]
-    assert [float(p) for p, _ in spans] == pytest.approx(probs.probs[len(ids) - 1:].tolist(), abs=1e-3)
+    assert [text for _, text in spans] == [
+        html.escape(model.tokenizer.id_to_token(t).removeprefix("##")) for t in sample.tokens
+    ]
+    assert [float(p) for p, _ in spans] == pytest.approx(probs.probs[len(ids) - 1 :].tolist(), abs=1e-3)
     table = at.table[0].value
     assert table["token"].tolist() == [model.tokenizer.id_to_token(t) for t in probs.top_tokens[len(ids) - 1].tolist()]
 
@@ -132,14 +135,15 @@ def test_the_maps_cover_the_continuation_with_titled_axes_and_a_toolbar(tiny_run
     model = load_model(tiny_run)
     ids = model.tokenizer.encode(at.text_area(key="prompt").value, add_special_tokens=False).ids
     new = model.generate([ids], EXPLORE_NEW_TOKENS, temperature=0, top_k=40, seed=0)[0].tokens
-    labels = [f"{i}:{model.tokenizer.id_to_token(t)}" + ("*" if i >= len(ids) else "")
-              for i, t in enumerate(ids + new)]
+    labels = [f"{i}:{model.tokenizer.id_to_token(t)}" + ("*" if i >= len(ids) else "") for i, t in enumerate(ids + new)]
     figs = charts(at)
     assert new and figs["pattern"]["data"][0]["x"] == labels == figs["pattern"]["data"][0]["y"]
     assert all(trace["x"] == labels for trace in figs["grid"]["data"])
     assert figs["lens"]["data"][0]["x"] == labels and figs["target"]["data"][0]["x"] == labels[1:]
-    titles = {name: (fig["layout"]["xaxis"]["title"]["text"], fig["layout"]["yaxis"]["title"]["text"])
-              for name, fig in figs.items()}
+    titles = {
+        name: (fig["layout"]["xaxis"]["title"]["text"], fig["layout"]["yaxis"]["title"]["text"])
+        for name, fig in figs.items()
+    }
     assert titles["pattern"][0].startswith("key") and titles["pattern"][1].startswith("query")
     assert titles["grid"] == ("key", "query") and "layer 0" in figs["grid"]["layout"]["title"]["text"]
     assert titles["summary_plot"] == ("head", "layer") and "generated" in titles["lens"][0]
@@ -170,13 +174,16 @@ def test_an_hf_model_directory_is_explored_without_a_slider(tiny_run, tmp_path, 
     assert at.selectbox(key="run").value == "exported" and len(at.get("plotly_chart")) == 5
 
 
-@pytest.mark.parametrize("case, message", [
-    ("empty root", "No runs under"),
-    ("no checkpoints", "has no checkpoints yet"),
-    ("truncated checkpoint", "unreadable"),
-    ("long prompt", "the context is 128"),
-    ("empty prompt", "Type a prompt"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("empty root", "No runs under"),
+        ("no checkpoints", "has no checkpoints yet"),
+        ("truncated checkpoint", "unreadable"),
+        ("long prompt", "the context is 128"),
+        ("empty prompt", "Type a prompt"),
+    ],
+)
 def test_bad_input_gives_a_message_not_a_traceback(case, message, tiny_run, tmp_path, monkeypatch):
     root = tmp_path / "root"
     root.mkdir()
@@ -214,9 +221,24 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.address=127.0.0.1",
-                               f"--server.port={port}", "--server.headless=true", "--browser.gatherUsageStats=false",
-                               "--", "--runs", str(tiny_run.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(APP),
+            "--server.address=127.0.0.1",
+            f"--server.port={port}",
+            "--server.headless=true",
+            "--browser.gatherUsageStats=false",
+            "--",
+            "--runs",
+            str(tiny_run.parent),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1700,1100"):
@@ -238,7 +260,9 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
         assert {"Generation", "Attention", "Logit lens"} <= set(text.splitlines())
         assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]') and "Traceback" not in text
         assert (artifacts / "explorer.png").stat().st_size > 10_000
-        sidebar_ticks = browser.find_elements(By.CSS_SELECTOR, "[data-testid='stSidebar'] [data-testid='stSliderTickBar']")
+        sidebar_ticks = browser.find_elements(
+            By.CSS_SELECTOR, "[data-testid='stSidebar'] [data-testid='stSliderTickBar']"
+        )
         assert sidebar_ticks and not any(t.is_displayed() for t in sidebar_ticks)  # they overlapped the Prompt label
         assert "from step 0 (0 tokens) to step 300" in text
         assert_browser_label_matches_table(browser, By)
@@ -246,10 +270,15 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
         prompt.send_keys(Keys.CONTROL, "a")
         prompt.send_keys("the " * 108)
         prompt.send_keys(Keys.CONTROL, Keys.ENTER)
-        WebDriverWait(browser, 180).until(lambda b: "Positions shown" in b.find_element(By.TAG_NAME, "body").text
-                                          and len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5)
+        WebDriverWait(browser, 180).until(
+            lambda b: (
+                "Positions shown" in b.find_element(By.TAG_NAME, "body").text
+                and len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5
+            )
+        )
         WebDriverWait(browser, 60).until(
-            lambda b: not b.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget'] button"))
+            lambda b: not b.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget'] button")
+        )
         time.sleep(2)
         browser.save_screenshot(str(artifacts / "explorer-128-tokens.png"))
         assert_browser_label_matches_table(browser, By)
@@ -271,10 +300,14 @@ def assert_browser_label_matches_table(browser, By) -> None:
     token, p = re.fullmatch(r"\d+: (.*) \(p=([\d.]+)\)", label.get_attribute("value")).groups()
     row = browser.find_element(By.CSS_SELECTOR, "[data-testid='stTable'] tbody tr")
     top_token, top_p = [c.text for c in row.find_elements(By.CSS_SELECTOR, "td")][-2:]
-    assert (top_token, float(p)) == (token, pytest.approx(float(top_p), abs=6e-4)), (label.get_attribute("value"), row.text)
+    assert (top_token, float(p)) == (token, pytest.approx(float(top_p), abs=6e-4)), (
+        label.get_attribute("value"),
+        row.text,
+    )
 
 
 # The explorer stays inside its runs root, and a file it cannot read is a message on the page (issue 17).
+
 
 def small_run(tiny_run: Path, dest: Path, steps: tuple[int, ...] = (64, 300)) -> Path:
     """What the explorer reads of the tiny run, with two of its checkpoints: a fraction of a full copy."""
@@ -282,8 +315,9 @@ def small_run(tiny_run: Path, dest: Path, steps: tuple[int, ...] = (64, 300)) ->
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl"):
         shutil.copy(tiny_run / name, dest / name)
     for step in steps:
-        shutil.copytree(checkpoint_dir(tiny_run, step), checkpoint_dir(dest, step),
-                        ignore=shutil.ignore_patterns("trainer.pt"))
+        shutil.copytree(
+            checkpoint_dir(tiny_run, step), checkpoint_dir(dest, step), ignore=shutil.ignore_patterns("trainer.pt")
+        )
     return dest
 
 
@@ -317,13 +351,23 @@ def watch_reads(path: Path):
     return lambda: [str(p) for p in marks if p.stat().st_atime_ns != marks[p]]
 
 
-@pytest.mark.parametrize("kind, linked", [
-    ("run", "config.yaml"), ("run", "tokenizer.json"), ("run", "metrics.jsonl"), ("run", "checkpoints"),
-    ("run", "checkpoints/step_0000300"), ("run", "checkpoints/step_0000300/model.safetensors"),
-    ("hf", "config.json"), ("hf", "model.safetensors"), ("hf", "tokenizer.json"),
-])
-def test_a_link_leading_outside_the_root_is_refused_and_never_read(kind, linked, tiny_run, tiny_hf, tmp_path,
-                                                                    monkeypatch):
+@pytest.mark.parametrize(
+    "kind, linked",
+    [
+        ("run", "config.yaml"),
+        ("run", "tokenizer.json"),
+        ("run", "metrics.jsonl"),
+        ("run", "checkpoints"),
+        ("run", "checkpoints/step_0000300"),
+        ("run", "checkpoints/step_0000300/model.safetensors"),
+        ("hf", "config.json"),
+        ("hf", "model.safetensors"),
+        ("hf", "tokenizer.json"),
+    ],
+)
+def test_a_link_leading_outside_the_root_is_refused_and_never_read(
+    kind, linked, tiny_run, tiny_hf, tmp_path, monkeypatch
+):
     model = model_dir(kind, tiny_run, tiny_hf, tmp_path / "root" / "model")
     outside = tmp_path / "outside" / linked
     outside.parent.mkdir(parents=True)
@@ -353,27 +397,31 @@ def test_links_that_stay_inside_the_root_are_followed(tiny_run, tmp_path, monkey
 def test_a_metrics_file_cut_mid_line_still_shows_the_run(tiny_run, tmp_path, monkeypatch):
     run = small_run(tiny_run, tmp_path / "root" / "tiny")
     metrics = (run / "metrics.jsonl").read_bytes()
-    (run / "metrics.jsonl").write_bytes(metrics[:-len(metrics.splitlines()[-1]) // 2])  # step 300's record cut short
+    (run / "metrics.jsonl").write_bytes(metrics[: -len(metrics.splitlines()[-1]) // 2])  # step 300's record cut short
     at = start(tmp_path / "root", monkeypatch)
     assert not at.exception and not at.warning and not at.error and len(at.get("plotly_chart")) == 5
     assert at.select_slider(key="step").options == [f"step 64 ({64 * 16 * 128:,} tokens)", "step 300"]
 
 
-@pytest.mark.parametrize("kind, damaged, damage, message", [
-    ("run", "config.yaml", bytes(range(256)), "model"),  # not UTF-8
-    ("run", "config.yaml", b"n_layers: [\n", "config.yaml is unreadable"),
-    ("run", "config.yaml", b"- a list\n", "config.yaml is not a mapping"),
-    ("run", "tokenizer.json", b"{not json", "tokenizer.json is not a tokenizers JSON file"),
-    ("run", "checkpoints", b"a file", "has no checkpoints yet"),
-    ("hf", "config.json", b"[]", "model"),
-    ("hf", "tokenizer.json", bytes(range(256)), "tokenizer.json is not a tokenizers JSON file"),
-    ("run", "config.yaml", "loop", "config.yaml is a loop of symbolic links"),
-    ("run", "tokenizer.json", "loop", "tokenizer.json is a loop of symbolic links"),
-    ("run", "checkpoints", "loop", "checkpoints is a loop of symbolic links"),
-    ("hf", "model.safetensors", "loop", "model.safetensors is a loop of symbolic links"),
-])
-def test_an_unreadable_file_gives_a_message_not_a_traceback(kind, damaged, damage, message, tiny_run, tiny_hf,
-                                                              tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "kind, damaged, damage, message",
+    [
+        ("run", "config.yaml", bytes(range(256)), "model"),  # not UTF-8
+        ("run", "config.yaml", b"n_layers: [\n", "config.yaml is unreadable"),
+        ("run", "config.yaml", b"- a list\n", "config.yaml is not a mapping"),
+        ("run", "tokenizer.json", b"{not json", "tokenizer.json is not a tokenizers JSON file"),
+        ("run", "checkpoints", b"a file", "has no checkpoints yet"),
+        ("hf", "config.json", b"[]", "model"),
+        ("hf", "tokenizer.json", bytes(range(256)), "tokenizer.json is not a tokenizers JSON file"),
+        ("run", "config.yaml", "loop", "config.yaml is a loop of symbolic links"),
+        ("run", "tokenizer.json", "loop", "tokenizer.json is a loop of symbolic links"),
+        ("run", "checkpoints", "loop", "checkpoints is a loop of symbolic links"),
+        ("hf", "model.safetensors", "loop", "model.safetensors is a loop of symbolic links"),
+    ],
+)
+def test_an_unreadable_file_gives_a_message_not_a_traceback(
+    kind, damaged, damage, message, tiny_run, tiny_hf, tmp_path, monkeypatch
+):
     model = model_dir(kind, tiny_run, tiny_hf, tmp_path / "root" / "model")
     shutil.rmtree(model / damaged) if (model / damaged).is_dir() else (model / damaged).unlink()
     if damage == "loop":

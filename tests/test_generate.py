@@ -30,7 +30,7 @@ def greedy_by_full_forward(model, prompt: list[int], n: int) -> list[int]:
     with torch.no_grad():
         for _ in range(n):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
-    return seq[0, len(prompt):].tolist()
+    return seq[0, len(prompt) :].tolist()
 
 
 def test_kv_cached_greedy_equals_full_reforward(model):
@@ -48,9 +48,11 @@ def test_greedy_equals_transformers_generate_on_the_hf_export(model, tmp_path):
     hf = LlamaForCausalLM.from_pretrained(tmp_path).eval()
     for prompt in PROMPTS[:2]:
         ids = model.tokenizer.encode(prompt, add_special_tokens=False).ids
-        expected = hf.generate(torch.tensor([ids]), max_new_tokens=50, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected = hf.generate(
+            torch.tensor([ids]), max_new_tokens=50, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
         ours = model.generate([ids], max_new_tokens=50, temperature=0, stop_at_eos=False)[0]
-        assert ours.tokens == expected[0, len(ids):].tolist()
+        assert ours.tokens == expected[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["sdpa", "pattern-hooked"])
@@ -62,7 +64,7 @@ def test_left_padded_batch_gives_each_row_its_own_logits(model, explicit):
         batched = model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
         for row, prompt in enumerate(prompts):
             alone = model.run_with_hooks(torch.tensor([prompt]), fwd_hooks=hooks)[0]
-            torch.testing.assert_close(batched[row, -len(prompt):], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched[row, -len(prompt) :], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_left_padded_loss_counts_only_real_predictions(small_model):
@@ -82,8 +84,10 @@ def test_feeding_a_kv_cache_in_pieces_equals_one_forward(small_model, explicit):
     cache = KVCache(small_model.cfg, batch=2)
     with torch.no_grad():
         full = small_model.run_with_hooks(tokens, fwd_hooks=hooks)
-        pieces = [small_model.run_with_hooks(tokens[:, a:b], past_kv_cache=cache, fwd_hooks=hooks)
-                  for a, b in [(0, 7), (7, 8), (8, 15), (15, 24)]]
+        pieces = [
+            small_model.run_with_hooks(tokens[:, a:b], past_kv_cache=cache, fwd_hooks=hooks)
+            for a, b in [(0, 7), (7, 8), (8, 15), (15, 24)]
+        ]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 24 and cache.next_position.tolist() == [24, 24]
 
@@ -102,7 +106,7 @@ def test_logprobs_are_the_models_log_probabilities(model):
     with torch.no_grad():
         logits = model(torch.tensor([sample.prompt_tokens + sample.tokens]))[0]
     n = len(sample.prompt_tokens)
-    expected = logits[n - 1:-1].log_softmax(-1).gather(-1, torch.tensor(sample.tokens)[:, None])[:, 0]
+    expected = logits[n - 1 : -1].log_softmax(-1).gather(-1, torch.tensor(sample.tokens)[:, None])[:, 0]
     assert sample.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
 
 
@@ -200,16 +204,19 @@ def test_length_rule_and_bad_settings(model):
     assert model.generate("ça, über — 日本", max_new_tokens=3, temperature=0)[0].prompt_tokens  # [UNK], not a crash
 
 
-@pytest.mark.parametrize("setting, message", [
-    (dict(num_samples=0), "num_samples must be >= 1, got 0"),
-    (dict(num_samples=-2), "num_samples must be >= 1, got -2"),
-    (dict(temperature=float("inf")), r"temperature must be >= 0 and finite \(0 = greedy\), got inf"),
-    (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
-    (dict(top_p=float("nan")), "top_p must be in"),
-    (dict(top_k=0), "top_k must be >= 1, got 0"),
-    (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(num_samples=0), "num_samples must be >= 1, got 0"),
+        (dict(num_samples=-2), "num_samples must be >= 1, got -2"),
+        (dict(temperature=float("inf")), r"temperature must be >= 0 and finite \(0 = greedy\), got inf"),
+        (dict(temperature=float("nan")), "temperature must be >= 0 and finite"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(top_p=float("nan")), "top_p must be in"),
+        (dict(top_k=0), "top_k must be >= 1, got 0"),
+        (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    ],
+)
 def test_settings_without_meaning_are_refused(small_model, setting, message):
     """The Python API refuses what the CLI refuses (generate.check_settings), before a token is drawn."""
     with pytest.raises(SSLensError, match=message):
@@ -221,21 +228,60 @@ def sslens(*args, **kwargs):
 
 
 def test_cli_prompt_and_json(model, tiny_run):
-    r = sslens("generate", str(tiny_run), "--prompt", "once upon a time", "--temperature", "0", "--max_new_tokens", "20")
+    r = sslens(
+        "generate", str(tiny_run), "--prompt", "once upon a time", "--temperature", "0", "--max_new_tokens", "20"
+    )
     expected = model.generate("once upon a time", max_new_tokens=20, temperature=0)[0]
     assert r.returncode == 0 and r.stdout == "once upon a time" + expected.text + "\n"
-    r = sslens("generate", str(tiny_run), "--prompt", "once upon a time", "--temperature", "0", "--max_new_tokens", "20",
-               "--compile")
+    r = sslens(
+        "generate",
+        str(tiny_run),
+        "--prompt",
+        "once upon a time",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "20",
+        "--compile",
+    )
     assert r.returncode == 0 and r.stdout == "once upon a time" + expected.text + "\n"
-    r = sslens("generate", str(tiny_run), "--step", "64", "--prompt", "the dog", "--json", "--seed", "1",
-               "--top_k", "10", "--num_samples", "2", "--max_new_tokens", "8")
+    r = sslens(
+        "generate",
+        str(tiny_run),
+        "--step",
+        "64",
+        "--prompt",
+        "the dog",
+        "--json",
+        "--seed",
+        "1",
+        "--top_k",
+        "10",
+        "--num_samples",
+        "2",
+        "--max_new_tokens",
+        "8",
+    )
     rows = json.loads(r.stdout)
     old = load_model(tiny_run, step=64).generate("the dog", max_new_tokens=8, top_k=10, seed=1, num_samples=2)
     assert [row["tokens"] for row in rows] == [s.tokens for s in old]
     assert all(row["logprobs"] == pytest.approx(s.logprobs, abs=1e-5) for row, s in zip(rows, old))
     assert rows[0]["token_strings"] == [model.tokenizer.id_to_token(t) for t in old[0].tokens]
-    r = sslens("generate", str(tiny_run / "checkpoints" / "step_0000064"), "--prompt", "the dog", "--json", "--seed", "1",
-               "--top_k", "10", "--num_samples", "2", "--max_new_tokens", "8")  # a checkpoint directory as MODEL
+    r = sslens(
+        "generate",
+        str(tiny_run / "checkpoints" / "step_0000064"),
+        "--prompt",
+        "the dog",
+        "--json",
+        "--seed",
+        "1",
+        "--top_k",
+        "10",
+        "--num_samples",
+        "2",
+        "--max_new_tokens",
+        "8",
+    )  # a checkpoint directory as MODEL
     assert [row["tokens"] for row in json.loads(r.stdout)] == [s.tokens for s in old]
     r = sslens("generate", str(tiny_run), "--prompt", "")
     assert r.returncode == 2 and r.stderr == "sslens: error: empty prompt: give at least one word\n"
@@ -244,7 +290,9 @@ def test_cli_prompt_and_json(model, tiny_run):
 def test_cli_reads_an_hf_directory(model, tmp_path):
     model.save_hf(tmp_path / "hf")
     r = sslens("generate", str(tmp_path / "hf"), "--prompt", "mia", "--temperature", "0", "--max_new_tokens", "12")
-    assert r.returncode == 0 and r.stdout == "mia" + model.generate("mia", max_new_tokens=12, temperature=0)[0].text + "\n"
+    assert (
+        r.returncode == 0 and r.stdout == "mia" + model.generate("mia", max_new_tokens=12, temperature=0)[0].text + "\n"
+    )
 
 
 def test_interactive_ctrl_c_stops_the_story_not_the_session(model, monkeypatch, capsys):
@@ -272,8 +320,16 @@ def test_interactive_ctrl_c_stops_the_story_not_the_session(model, monkeypatch, 
 
 @pytest.mark.parametrize("compile", [[], ["--compile"]], ids=["eager", "compiled"])
 def test_interactive_from_stdin(model, tiny_run, compile):
-    r = sslens("generate", str(tiny_run), "--temperature", "0", "--max_new_tokens", "15", *compile,
-               input="once upon a time\nmia\n\nnever read\n")
+    r = sslens(
+        "generate",
+        str(tiny_run),
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "15",
+        *compile,
+        input="once upon a time\nmia\n\nnever read\n",
+    )
     assert r.returncode == 0, r.stderr
     stories = [p + model.generate(p, max_new_tokens=15, temperature=0)[0].text for p in ("once upon a time", "mia")]
     assert r.stdout == "".join(f"> {s}\n\n" for s in stories) + "> "
@@ -282,8 +338,10 @@ def test_interactive_from_stdin(model, tiny_run, compile):
 def test_interactive_in_a_terminal_streams_and_quits_on_ctrl_d(model, tiny_run):
     pid, fd = pty.fork()
     if pid == 0:  # the child: sslens on a pseudo-terminal
-        os.execv(sys.executable, [sys.executable, "-m", "sslens", "generate", str(tiny_run), "--temperature", "0",
-                                  "--max_new_tokens", "15"])
+        os.execv(
+            sys.executable,
+            [sys.executable, "-m", "sslens", "generate", str(tiny_run), "--temperature", "0", "--max_new_tokens", "15"],
+        )
     expected = model.generate("once upon a time", max_new_tokens=15, temperature=0)[0].text.strip()
     out = read_until(fd, "> ")
     os.write(fd, b"once upon a time\n")
@@ -310,7 +368,9 @@ def test_compiled_steps_give_the_eager_tokens(model):
         compiled = model.generate(prompts, max_new_tokens=30, temperature=0, stop_at_eos=False, compile=True)
         assert [s.tokens for s in compiled] == [s.tokens for s in eager]
         assert all(c.logprobs == pytest.approx(e.logprobs, abs=1e-4) for c, e in zip(compiled, eager))
-    sampled = [model.generate(PROMPTS[1], max_new_tokens=20, top_k=10, seed=4, compile=c)[0].tokens for c in (False, True)]
+    sampled = [
+        model.generate(PROMPTS[1], max_new_tokens=20, top_k=10, seed=4, compile=c)[0].tokens for c in (False, True)
+    ]
     assert sampled[0] == sampled[1]
 
     with torch.inference_mode():
@@ -328,9 +388,18 @@ def test_compiled_steps_give_the_eager_tokens(model):
     handle.remove()
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     with model.hooks(fwd_hooks=[(last, lambda resid, hook: resid * 0)]):  # zero logits: argmax is token 0
-        assert model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == [0] * 5
-    assert model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == eager[0].tokens[:5]
+        assert (
+            model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens
+            == [0] * 5
+        )
+    assert (
+        model.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens
+        == eager[0].tokens[:5]
+    )
     edited = copy.deepcopy(model)  # a copy runs its own weights, not the compiled step of the model it copies
     with torch.no_grad():
         edited.ln_final.w.zero_()  # zero logits: argmax is token 0
-    assert edited.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens == [0] * 5
+    assert (
+        edited.generate(PROMPTS[0], max_new_tokens=5, temperature=0, stop_at_eos=False, compile=True)[0].tokens
+        == [0] * 5
+    )

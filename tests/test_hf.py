@@ -19,10 +19,22 @@ def hf_reference(name: str) -> LlamaForCausalLM:
     """An HF Llama of a preset's published shape, built and initialised by transformers alone."""
     n_layers, n_heads, d_model, d_mlp, _ = ARCH[name]
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=4096, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
-        rope_theta=10000.0, tie_word_embeddings=True, attention_bias=False, mlp_bias=False)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=4096,
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+            rope_theta=10000.0,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            mlp_bias=False,
+        )
+    ).eval()
 
 
 def perturbed(model: HookedLlama) -> HookedLlama:
@@ -73,7 +85,9 @@ def test_full_context_unusual_rope_base_and_one_kv_head(attn_implementation, tmp
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
         _, cache = ours.run_with_cache(tokens)  # the explicit attention path agrees with HF too
-        torch.testing.assert_close(cache.accumulated_resid(apply_ln=True)[-1] @ ours.W_U, hf(tokens).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            cache.accumulated_resid(apply_ln=True)[-1] @ ours.W_U, hf(tokens).logits, atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -174,7 +188,10 @@ def test_an_hf_config_too_large_for_memory_is_refused_without_allocating(tmp_pat
     (tmp_path / "huge").mkdir()
     (tmp_path / "huge" / "config.json").write_text(json.dumps(config))
     start = time.perf_counter()
-    with pytest.raises(SSLensError, match=r"^huge \(n_layers=4, d_model=1000000000, .*\) has [\d,]+ parameters and needs "
-                                          r"about [\d,.]+ GiB .* is available on cpu; choose a smaller model$") as refused:
+    with pytest.raises(
+        SSLensError,
+        match=r"^huge \(n_layers=4, d_model=1000000000, .*\) has [\d,]+ parameters and needs "
+        r"about [\d,.]+ GiB .* is available on cpu; choose a smaller model$",
+    ) as refused:
         load_model(tmp_path / "huge")
     assert time.perf_counter() - start < 5 and "\n" not in str(refused.value)

@@ -76,8 +76,14 @@ def test_load_model_by_hub_name_reads_the_offline_cache(published, monkeypatch):
 def test_the_console_command_generates_from_a_hub_name_as_from_the_export(published, capsys):
     _, export, cache = published
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    hub = subprocess.run([sys.executable, "-m", "sslens", "generate", REPO, *GENERATE], cwd=cache.parent, env=env,
-                         capture_output=True, text=True, timeout=300)
+    hub = subprocess.run(
+        [sys.executable, "-m", "sslens", "generate", REPO, *GENERATE],
+        cwd=cache.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert hub.returncode == 0, hub.stderr
     main(["generate", str(export), *GENERATE])
     local = json.loads(capsys.readouterr().out)
@@ -100,8 +106,14 @@ def test_an_unreachable_hub_is_one_line_naming_the_cause(tmp_path):
     """Online, with nothing listening at the hub's address: the connection error is named, not hidden."""
     nowhere = f"http://127.0.0.1:{free_port()}"
     env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": nowhere, "HF_HUB_CACHE": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-m", "sslens", "generate", REPO, "--prompt", PROMPT], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "sslens", "generate", REPO, "--prompt", PROMPT],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert run.stderr.startswith(f"sslens: error: {REPO} is not in the hub cache {tmp_path}")
     assert run.stderr.count("\n") == 1
@@ -133,8 +145,14 @@ def test_the_run_card_of_a_hub_name_is_the_card_of_its_export(tiny_run, tmp_path
     publish_to_cache(tmp_path / "export", tmp_path / "cache", repo)
     args = ["--data", "synth:2000", "--probe_stories", "200", "--json"]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
-    hub = subprocess.run([sys.executable, "-m", "sslens", "eval", repo, *args, str(tmp_path / "hub.json")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    hub = subprocess.run(
+        [sys.executable, "-m", "sslens", "eval", repo, *args, str(tmp_path / "hub.json")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert hub.returncode == 0, hub.stderr
     main(["eval", str(tmp_path / "export"), *args, str(tmp_path / "local.json")])
     from_hub, local = (json.loads((tmp_path / f).read_text()) for f in ("hub.json", "local.json"))

@@ -19,8 +19,13 @@ def runtime_imports(path: Path) -> set[str]:
     """The sslens modules `path` imports when it runs."""
     name, tree = module_name(path), ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for stmt in node.body for n in ast.walk(stmt)}
+    skipped = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for n in ast.walk(stmt)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -30,7 +35,9 @@ def runtime_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if base.startswith("sslens"):
                 found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
     return found
@@ -44,7 +51,9 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_is_found():
     graph = import_graph()
-    assert {"sslens.generate", "sslens.kvcache", "sslens.inductor", "sslens.hf"} <= graph["sslens.model"]  # in functions too
+    assert {"sslens.generate", "sslens.kvcache", "sslens.inductor", "sslens.hf"} <= graph[
+        "sslens.model"
+    ]  # in functions too
     assert "sslens.model" in graph["sslens.train"] and "sslens.config" in graph["sslens.model"]
     assert "sslens.model" not in graph["sslens.generate"]  # its HookedLlama import is for type checking only
 

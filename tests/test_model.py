@@ -12,11 +12,26 @@ from sslens import HookedLlama, SSLensError
 from conftest import random_tokens
 
 BLOCK_HOOKS = [
-    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
-    "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z",
-    "mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_z",
+    "mlp.hook_pre",
+    "mlp.hook_pre_linear",
+    "mlp.hook_post",
 ]
 
 
@@ -32,12 +47,19 @@ def test_cached_shapes(small_model):
     _, cache = small_model.run_with_cache(random_tokens(b, p))
     assert isinstance(cache, ActivationCache)
     shapes = {
-        "hook_embed": (b, p, cfg.d_model), "blocks.1.ln1.hook_scale": (b, p, 1),
-        "blocks.1.attn.hook_q": (b, p, h, d), "blocks.1.attn.hook_k": (b, p, kv, d), "blocks.1.attn.hook_v": (b, p, kv, d),
-        "blocks.1.attn.hook_rot_q": (b, p, h, d), "blocks.1.attn.hook_rot_k": (b, p, kv, d),
-        "blocks.1.attn.hook_attn_scores": (b, h, p, p), "blocks.1.attn.hook_pattern": (b, h, p, p),
-        "blocks.1.attn.hook_z": (b, p, h, d), "blocks.1.mlp.hook_pre": (b, p, cfg.d_mlp),
-        "blocks.1.mlp.hook_post": (b, p, cfg.d_mlp), "blocks.1.hook_resid_post": (b, p, cfg.d_model),
+        "hook_embed": (b, p, cfg.d_model),
+        "blocks.1.ln1.hook_scale": (b, p, 1),
+        "blocks.1.attn.hook_q": (b, p, h, d),
+        "blocks.1.attn.hook_k": (b, p, kv, d),
+        "blocks.1.attn.hook_v": (b, p, kv, d),
+        "blocks.1.attn.hook_rot_q": (b, p, h, d),
+        "blocks.1.attn.hook_rot_k": (b, p, kv, d),
+        "blocks.1.attn.hook_attn_scores": (b, h, p, p),
+        "blocks.1.attn.hook_pattern": (b, h, p, p),
+        "blocks.1.attn.hook_z": (b, p, h, d),
+        "blocks.1.mlp.hook_pre": (b, p, cfg.d_mlp),
+        "blocks.1.mlp.hook_post": (b, p, cfg.d_mlp),
+        "blocks.1.hook_resid_post": (b, p, cfg.d_model),
     }
     assert {k: tuple(cache[k].shape) for k in shapes} == shapes
 
@@ -129,13 +151,18 @@ def test_weight_views_reproduce_activations(small_model):
     x2 = cache[f"blocks.{layer}.ln2.hook_normalized"] * m.blocks[layer].ln2.w
     torch.testing.assert_close(x2 @ m.W_gate[layer], cache[f"blocks.{layer}.mlp.hook_pre"])
     torch.testing.assert_close(x2 @ m.W_in[layer], cache[f"blocks.{layer}.mlp.hook_pre_linear"])
-    torch.testing.assert_close(cache[f"blocks.{layer}.mlp.hook_post"] @ m.W_out[layer], cache[f"blocks.{layer}.hook_mlp_out"],
-                               atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        cache[f"blocks.{layer}.mlp.hook_post"] @ m.W_out[layer],
+        cache[f"blocks.{layer}.hook_mlp_out"],
+        atol=1e-6,
+        rtol=1e-5,
+    )
     assert m.W_U.shape == (m.cfg.d_model, m.cfg.d_vocab) and m.W_U.data_ptr() == m.W_E.data_ptr()  # tied
 
 
 def test_identity_attention_makes_z_equal_v_with_gqa_head_order(small_model):
     """Patch the scores so each position attends only to itself: z must then be the value of its KV head."""
+
     def diagonal_only(scores, hook):
         off_diagonal = ~torch.eye(scores.shape[-1], dtype=torch.bool)
         return scores.masked_fill(off_diagonal, float("-inf"))
@@ -143,11 +170,14 @@ def test_identity_attention_makes_z_equal_v_with_gqa_head_order(small_model):
     m = small_model
     n_rep = m.cfg.n_heads // m.cfg.n_key_value_heads
     cache = {}
-    m.run_with_hooks(random_tokens(2, 8), fwd_hooks=[
-        ("blocks.0.attn.hook_attn_scores", diagonal_only),
-        ("blocks.0.attn.hook_v", lambda t, hook: cache.__setitem__("v", t)),
-        ("blocks.0.attn.hook_z", lambda t, hook: cache.__setitem__("z", t)),
-    ])
+    m.run_with_hooks(
+        random_tokens(2, 8),
+        fwd_hooks=[
+            ("blocks.0.attn.hook_attn_scores", diagonal_only),
+            ("blocks.0.attn.hook_v", lambda t, hook: cache.__setitem__("v", t)),
+            ("blocks.0.attn.hook_z", lambda t, hook: cache.__setitem__("z", t)),
+        ],
+    )
     torch.testing.assert_close(cache["z"], cache["v"].repeat_interleave(n_rep, dim=2))
 
 
@@ -163,7 +193,7 @@ def test_zeroing_a_head_equals_zeroing_its_output_weights(small_model):
     patched = small_model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", ablate)])
     edited = copy.deepcopy(small_model)
     with torch.no_grad():
-        edited.blocks[layer].attn.o_proj.weight[:, head * d:(head + 1) * d] = 0
+        edited.blocks[layer].attn.o_proj.weight[:, head * d : (head + 1) * d] = 0
     torch.testing.assert_close(patched, edited(tokens))
     assert not torch.allclose(patched, small_model(tokens))
     assert not any(hp.has_hooks() for hp in small_model.hook_points())  # run_with_hooks cleaned up
@@ -173,7 +203,8 @@ def test_patching_the_whole_residual_stream_transplants_the_run(small_model):
     clean, corrupt = random_tokens(1, 12, seed=1), random_tokens(1, 12, seed=2)
     clean_logits, clean_cache = small_model.run_with_cache(clean)
     patched = small_model.run_with_hooks(
-        corrupt, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, hook: clean_cache["blocks.1.hook_resid_pre"])])
+        corrupt, fwd_hooks=[("blocks.1.hook_resid_pre", lambda t, hook: clean_cache["blocks.1.hook_resid_pre"])]
+    )
     torch.testing.assert_close(patched, clean_logits)
 
 
@@ -188,7 +219,9 @@ def test_activation_cache_against_hand_computation(small_model):
     accumulated, labels = cache.accumulated_resid(apply_ln=True, return_labels=True)
     assert labels == [f"{i}_pre" for i in range(n)] + ["final_post"]
     torch.testing.assert_close(accumulated[-1] @ m.W_U, logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.accumulated_resid(layer=1, apply_ln=True)[-1], cache["blocks.1.ln1.hook_normalized"])
+    torch.testing.assert_close(
+        cache.accumulated_resid(layer=1, apply_ln=True)[-1], cache["blocks.1.ln1.hook_normalized"]
+    )
 
     # The residual stream is the sum of its parts; per-head results add up to each attention output.
     parts, part_labels = cache.decompose_resid(return_labels=True)
@@ -250,10 +283,15 @@ def test_a_tokenizer_too_large_names_only_vocabularies_that_can_work():
     assert tok.get_vocab_size() == 9
     with pytest.raises(SSLensError) as refused:
         HookedLlama.from_preset("1.25M", d_vocab=5).tokenizer = tok
-    assert str(refused.value) == ("the tokenizer has 9 tokens but the model's d_vocab is 5; raise d_vocab to at least 9 "
-                                  "(its characters, alone and as ##continuations, take 8 tokens)")
-    with pytest.raises(SSLensError, match="raise d_vocab to at least 9, or use a tokenizer of at most 8 tokens "
-                                          r"\(sslens tokenizer train --vocab-size 8\)"):
+    assert str(refused.value) == (
+        "the tokenizer has 9 tokens but the model's d_vocab is 5; raise d_vocab to at least 9 "
+        "(its characters, alone and as ##continuations, take 8 tokens)"
+    )
+    with pytest.raises(
+        SSLensError,
+        match="raise d_vocab to at least 9, or use a tokenizer of at most 8 tokens "
+        r"\(sslens tokenizer train --vocab-size 8\)",
+    ):
         HookedLlama.from_preset("1.25M", d_vocab=8).tokenizer = tok
 
 
@@ -265,8 +303,11 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating():
     assert time.perf_counter() - start < 2
     message = str(refused.value)
     assert "\n" not in message and message.startswith("SimpleStories-1.25M (n_layers=4, d_model=10000000, d_mlp=341")
-    assert re.search(r"needs about [\d,.]+ GiB for its weights and one forward, but [\d,.]+ GiB is available on cpu; "
-                     "choose a smaller model$", message)
+    assert re.search(
+        r"needs about [\d,.]+ GiB for its weights and one forward, but [\d,.]+ GiB is available on cpu; "
+        "choose a smaller model$",
+        message,
+    )
 
 
 def test_the_memory_check_measures_the_device_the_model_goes_to(small_model, monkeypatch):

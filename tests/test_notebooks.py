@@ -11,8 +11,11 @@ NOTEBOOKS = sorted(ANALYSES.glob("*.ipynb"))
 
 
 def test_notebooks_are_committed_without_outputs():
-    assert [p.name for p in NOTEBOOKS] == ["01_activation_cache.ipynb", "02_metadata_probes.ipynb",
-                                           "03_training_dynamics.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_activation_cache.ipynb",
+        "02_metadata_probes.ipynb",
+        "03_training_dynamics.ipynb",
+    ]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in cells), f"{path.name}: strip its outputs"
@@ -26,8 +29,11 @@ def test_notebook_runs_top_to_bottom(path, tiny_run, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ANALYSES)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
-    figures = [o["data"]["application/vnd.plotly.v1+json"] for o in outputs
-               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    figures = [
+        o["data"]["application/vnd.plotly.v1+json"]
+        for o in outputs
+        if "application/vnd.plotly.v1+json" in o.get("data", {})
+    ]
     assert figures  # its figures were drawn
     titles = [a.get("text", "") for f in figures for a in f.get("layout", {}).get("annotations", [])]
     assert not [t for t in titles if t.startswith("facet_col=")], titles  # facets are named (L3H1, the score, ...)

@@ -74,7 +74,9 @@ def test_fit_standardises_and_chooses_C_on_validation_as_scikit_learn_would():
 
 def test_probe_report_against_hand_counts():
     x, labels = scaled_blobs(400, seed=1)
-    stories = [f"{w} story {i}" for i, w in enumerate(np.random.default_rng(2).choice(["once", "the", "tom", "a"], 400))]
+    stories = [
+        f"{w} story {i}" for i, w in enumerate(np.random.default_rng(2).choice(["once", "the", "tom", "a"], 400))
+    ]
     (result,) = probe_features({"hook_embed": x}, stories, list(labels), step=7)
     train, val, test = split(list(labels))
     most_common = max(set(labels[train]), key=list(labels[train]).count)
@@ -149,13 +151,29 @@ def test_theme_probe_on_a_trained_run(tiny_run, tmp_path):
 
 def test_probe_command(tiny_run, tmp_path):
     out = tmp_path / "out"
-    done = sslens("probe", str(tiny_run), "--label", "style", "--steps", "0,300", "--max_stories", "400",
-                  "--hooks", "blocks.*.hook_resid_post", "--pool", "last", "--out", str(out))
+    done = sslens(
+        "probe",
+        str(tiny_run),
+        "--label",
+        "style",
+        "--steps",
+        "0,300",
+        "--max_stories",
+        "400",
+        "--hooks",
+        "blocks.*.hook_resid_post",
+        "--pool",
+        "last",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     rows = (out / "results.csv").read_text().splitlines()
     assert rows[0].startswith("hook,step,accuracy") and len(rows) == 1 + 2 * 2
     meta = json.loads((out / "results.json").read_text())
-    assert meta["data"] == "synth:2000" and meta["label"] == "style" and meta["pool"] == "last" and meta["stories"] == 400
+    assert (
+        meta["data"] == "synth:2000" and meta["label"] == "style" and meta["pool"] == "last" and meta["stories"] == 400
+    )
     assert [r["step"] for r in meta["results"]] == [0, 0, 300, 300]
     assert "blocks.1.hook_resid_post" in done.stdout and "plotly" in (out / "accuracy.html").read_text()[:100_000]
 
@@ -166,8 +184,20 @@ def test_probe_every_checkpoint(tiny_run, tmp_path):
     from sslens.probe import ProbeResult
 
     out = tmp_path / "out"
-    done = sslens("probe", str(tiny_run), "--label", "theme", "--steps", "all", "--max_stories", "200",
-                  "--hooks", "blocks.*.hook_resid_post", "--out", str(out))
+    done = sslens(
+        "probe",
+        str(tiny_run),
+        "--label",
+        "theme",
+        "--steps",
+        "all",
+        "--max_stories",
+        "200",
+        "--hooks",
+        "blocks.*.hook_resid_post",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     steps, hooks = saved_steps(tiny_run), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     results = [ProbeResult(**r) for r in json.loads((out / "results.json").read_text())["results"]]
@@ -180,16 +210,19 @@ def test_probe_every_checkpoint(tiny_run, tmp_path):
     assert "checkpoints" in done.stderr  # the progress bar over checkpoints
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--label", "colour"], "has no label column 'colour'; its columns: topic, theme"),
-    (["--label", "theme", "--hooks", "blocks.9.*"], "no hook matches blocks.9.*"),
-    (["--label", "theme", "--hooks", "blocks.0.attn.hook_pattern"], "not one vector per token"),
-    (["--label", "theme", "--steps", "last"], "--steps takes 'all' or step numbers"),
-    (["--label", "theme", "--steps", "3"], "no checkpoint at step 3"),
-    (["--label", "theme", "--data", "missing.parquet"], "data path missing.parquet not found"),
-    (["--label", "theme", "--batch_size", "0"], "batch_size must be at least 1, not 0"),
-    (["--label", "theme", "--max_stories", "-3"], "max_stories must be at least 5, not -3"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--label", "colour"], "has no label column 'colour'; its columns: topic, theme"),
+        (["--label", "theme", "--hooks", "blocks.9.*"], "no hook matches blocks.9.*"),
+        (["--label", "theme", "--hooks", "blocks.0.attn.hook_pattern"], "not one vector per token"),
+        (["--label", "theme", "--steps", "last"], "--steps takes 'all' or step numbers"),
+        (["--label", "theme", "--steps", "3"], "no checkpoint at step 3"),
+        (["--label", "theme", "--data", "missing.parquet"], "data path missing.parquet not found"),
+        (["--label", "theme", "--batch_size", "0"], "batch_size must be at least 1, not 0"),
+        (["--label", "theme", "--max_stories", "-3"], "max_stories must be at least 5, not -3"),
+    ],
+)
 def test_probe_refusals(tiny_run, args, message):
     done = sslens("probe", str(tiny_run), "--max_stories", "50", *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
@@ -207,16 +240,29 @@ def test_probe_needs_data_for_a_model_outside_a_run(tmp_path):
 def test_too_few_stories_for_the_split_are_refused_before_any_model_work(tmp_path):
     """60/20/20 needs 5 stories (3 to fit, 1 to choose C, 1 to test): fewer is refused by load_labelled, before a
     model is loaded, whether max_stories asks for fewer or the data holds fewer; probe_features refuses the same."""
-    with pytest.raises(SSLensError, match="max_stories must be at least 5, not 2: the stories are split 60/20/20 into "
-                                          "train, validation and test, which needs 3 to fit the probe, 1 to choose C"):
+    with pytest.raises(
+        SSLensError,
+        match="max_stories must be at least 5, not 2: the stories are split 60/20/20 into "
+        "train, validation and test, which needs 3 to fit the probe, 1 to choose C",
+    ):
         load_labelled("synth:300", "theme", max_stories=2)
-    (tmp_path / "four.jsonl").write_text("".join(json.dumps({"story": f"story {i}", "theme": "ab"[i % 2]}) + "\n"
-                                                 for i in range(4)))
-    with pytest.raises(SSLensError, match=r"^4 labelled stories are too few: the 60/20/20 train/validation/test split "
-                                          r"needs at least 5 \(3 to fit the probe, 1 to choose C, 1 to test\)"):
+    (tmp_path / "four.jsonl").write_text(
+        "".join(json.dumps({"story": f"story {i}", "theme": "ab"[i % 2]}) + "\n" for i in range(4))
+    )
+    with pytest.raises(
+        SSLensError,
+        match=r"^4 labelled stories are too few: the 60/20/20 train/validation/test split "
+        r"needs at least 5 \(3 to fit the probe, 1 to choose C, 1 to test\)",
+    ):
         load_labelled(tmp_path / "four.jsonl", "theme")
     with pytest.raises(SSLensError, match="4 labelled stories are too few"):
         probe_features({"hook_embed": np.zeros((4, 3), np.float32)}, ["a b"] * 4, list("abab"))
     stories, labels = load_labelled("synth:300", "theme", max_stories=5)
-    assert len(probe_features({"hook_embed": np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)},
-                              stories, labels)) == 1  # the smallest count that is accepted does fit and score
+    assert (
+        len(
+            probe_features(
+                {"hook_embed": np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)}, stories, labels
+            )
+        )
+        == 1
+    )  # the smallest count that is accepted does fit and score

@@ -45,7 +45,9 @@ def independent_val_loss(run, step: int, stories: list[str], n_windows: int) -> 
     eos = tok.token_to_id("[EOS]")
     stream = torch.tensor([i for s in stories for i in tok.encode(s, add_special_tokens=False).ids + [eos]])
     n_ctx = model.cfg.n_ctx
-    windows = torch.stack([stream[i * n_ctx:(i + 1) * n_ctx + 1] for i in range(min(n_windows, (len(stream) - 1) // n_ctx))])
+    windows = torch.stack(
+        [stream[i * n_ctx : (i + 1) * n_ctx + 1] for i in range(min(n_windows, (len(stream) - 1) // n_ctx))]
+    )
     with torch.no_grad():
         logits = model(windows[:, :-1])
     return F.cross_entropy(logits.flatten(0, 1).float(), windows[:, 1:].flatten()).item()
@@ -55,8 +57,20 @@ def test_validation_reads_the_held_out_stories_of_a_file_source(tmp_path, story_
     """Two seeds on a source without a test split: each run records its held-out rows, trains on none of them,
     and logs the loss of exactly those stories; the two splits differ and get their own token caches."""
     write_tokenizer(tmp_path)
-    runs = {seed: train(*tiny(tmp_path, "--max_steps=3", f"--data={story_file}", f"--seed={seed}", "--val_every=3",
-                              f"--tokenizer={tmp_path / 'tok.json'}", name=f"seed{seed}")) for seed in (0, 1)}
+    runs = {
+        seed: train(
+            *tiny(
+                tmp_path,
+                "--max_steps=3",
+                f"--data={story_file}",
+                f"--seed={seed}",
+                "--val_every=3",
+                f"--tokenizer={tmp_path / 'tok.json'}",
+                name=f"seed{seed}",
+            )
+        )
+        for seed in (0, 1)
+    }
     tok = load_tokenizer(tmp_path / "tok.json")
     held, caches = {}, []
     for seed, run in runs.items():
@@ -69,7 +83,7 @@ def test_validation_reads_the_held_out_stories_of_a_file_source(tmp_path, story_
         train_stream, val_stream = tokenize(split.train, tok), tokenize(split.val, tok)
         caches += [train_stream.filename, val_stream.filename]
         assert story_ids(train_stream, 1).isdisjoint(story_ids(val_stream, 1))
-        assert not np.array_equal(train_stream[:len(val_stream)], val_stream)
+        assert not np.array_equal(train_stream[: len(val_stream)], val_stream)
         logged = metrics(run)[-1]["val_loss"]
         assert logged == pytest.approx(independent_val_loss(run, 3, list(split.val["story"]), 8 * 4), abs=2e-5)
     assert held[0] != held[1]
@@ -88,9 +102,12 @@ def test_resume_refuses_another_split(tmp_path, story_file):
 
 def start(*args: str) -> subprocess.Popen:
     """`sslens train 1.25M TINY ARGS` as a real process."""
-    return subprocess.Popen([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--compile=False", *args],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--compile=False", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 120) -> None:
@@ -111,8 +128,12 @@ def holder(out) -> int | None:
 
 def refused_second(out, *args: str) -> str:
     """A second `sslens train` into `out`, which must be refused in one line; its stderr."""
-    r = subprocess.run([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--compile=False", f"--out_dir={out}",
-                        *args], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--compile=False", f"--out_dir={out}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     return r.stderr
 
@@ -156,8 +177,12 @@ def test_an_interrupt_checkpoints_the_step_and_resume_ends_bitwise_equal(tmp_pat
     assert proc.returncode == 128 + signum and "Traceback" not in err, err
     assert err.splitlines()[-1] == f"sslens: interrupted at step {step}; checkpoint saved; continue with --resume"
     assert 8 <= step < 60 and metrics(out)[-1]["step"] == step and not (out / ".lock").exists()
-    r = subprocess.run([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, *args, f"--out_dir={out}", "--resume"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "sslens", "train", "1.25M", *TINY, *args, f"--out_dir={out}", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     final, expected = load_model(out), load_model(reference)
     assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
@@ -170,14 +195,18 @@ def test_a_second_interrupt_exits_at_once_and_corrupts_nothing(tmp_path):
     the process exits at once with 130; the half-written step is never a checkpoint, every one left loads, and
     --resume finishes the run."""
     out = tmp_path / "run"
-    interrupt_twice = ("import os, signal, sys, time, torch\nfrom sslens.cli import main\nsave = torch.save\n"
-                       "def save_interrupted(obj, f):\n    if obj['step'] == 8:\n"
-                       "        for _ in range(2):\n            os.kill(os.getpid(), signal.SIGINT)\n"
-                       "            time.sleep(0.5)\n    save(obj, f)\ntorch.save = save_interrupted\nmain(sys.argv[1:])\n")
+    interrupt_twice = (
+        "import os, signal, sys, time, torch\nfrom sslens.cli import main\nsave = torch.save\n"
+        "def save_interrupted(obj, f):\n    if obj['step'] == 8:\n"
+        "        for _ in range(2):\n            os.kill(os.getpid(), signal.SIGINT)\n"
+        "            time.sleep(0.5)\n    save(obj, f)\ntorch.save = save_interrupted\nmain(sys.argv[1:])\n"
+    )
     cmd = ["train", "1.25M", *TINY, f"--out_dir={out}", "--max_steps=12"]
     r = subprocess.run([sys.executable, "-c", interrupt_twice, *cmd], capture_output=True, text=True, timeout=300)
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.splitlines()[-1] == "sslens: interrupted again; exiting now (the newest complete checkpoint is kept)"
+    assert (
+        r.stderr.splitlines()[-1] == "sslens: interrupted again; exiting now (the newest complete checkpoint is kept)"
+    )
     assert saved_steps(out) == [0, 1, 2, 4] and len(list((out / "checkpoints").glob(".tmp-*"))) == 1
     for step in saved_steps(out):
         load_model(out, step=step)
@@ -191,18 +220,38 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(tmp_path):
     """Rank 0 holds the run's lock (a second start is refused); SIGTERM to torchrun, which passes it to both ranks:
     both stop after the same step, rank 0 checkpoints it."""
     out = tmp_path / "ddp"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                             f"--master-port={free_port()}", "-m", "sslens", "train", "1.25M", *TINY, "--batch_size=2",
-                             "--compile=False", "--max_steps=100000", f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "sslens",
+            "train",
+            "1.25M",
+            *TINY,
+            "--batch_size=2",
+            "--compile=False",
+            "--max_steps=100000",
+            f"--out_dir={out}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     wait_for(lambda: 8 in saved_steps(out), proc)
     assert "is being written by another sslens process (PID" in refused_second(out, "--max_steps=3")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     lines = [l for l in err.splitlines() if "interrupted at step" in l]
     step = saved_steps(out)[-1]
-    assert len(lines) == 2 and all(l.endswith(f"interrupted at step {step}; checkpoint saved; continue with --resume")
-                                   for l in lines), err[-3000:]
+    assert len(lines) == 2 and all(
+        l.endswith(f"interrupted at step {step}; checkpoint saved; continue with --resume") for l in lines
+    ), err[-3000:]
     assert metrics(out)[-1]["step"] == step
 
 
@@ -225,8 +274,11 @@ def test_a_full_disk_names_the_checkpoint_and_the_room_it_needs(tmp_path, small_
 
     monkeypatch.setattr(sslens.train, "check_free_space", lambda *args: None)
     out = small_disk("12m") / "run"
-    with pytest.raises(SSLensError, match=r"the disk is full: writing .*/checkpoints/step_\d{7} needs about [\d.]+ MiB "
-                                          r"and [\d.]+ MiB is free") as refusal:
+    with pytest.raises(
+        SSLensError,
+        match=r"the disk is full: writing .*/checkpoints/step_\d{7} needs about [\d.]+ MiB "
+        r"and [\d.]+ MiB is free",
+    ) as refusal:
         train(*tiny(tmp_path, "--max_steps=8", f"--out_dir={out}"))
     full_at = int(re.search(r"step_(\d{7})", str(refusal.value)).group(1))
     assert saved_steps(out) == [s for s in (0, 1, 2, 4, 8) if s < full_at] and saved_steps(out)
@@ -257,7 +309,9 @@ def test_a_full_disk_names_the_metrics_file(tmp_path, small_disk, monkeypatch):
 
     monkeypatch.setattr(sslens.train, "check_free_space", lambda *args: None)
     monkeypatch.setattr(sslens.train, "save_checkpoint", save_then_fill)
-    with pytest.raises(SSLensError, match=r"the disk is full: writing .*/run/metrics.jsonl needs more room and 0.0 MiB is free"):
+    with pytest.raises(
+        SSLensError, match=r"the disk is full: writing .*/run/metrics.jsonl needs more room and 0.0 MiB is free"
+    ):
         train(*tiny(tmp_path, "--max_steps=100", "--checkpoint_schedule=0,1", f"--out_dir={out}"))
     records, cut = read_metrics(out / "metrics.jsonl")  # the lines that fit the file's last block, maybe one cut
     assert saved_steps(out) == [0, 1] and 1 < len(records) < 99 and len(cut) <= 1

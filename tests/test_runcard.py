@@ -40,8 +40,9 @@ def test_picks_the_name_compares_only_with_other_names():
 
 def test_later_mentions_by_hand():
     words = ["zuzo", "met", "mage", ".", "ran", "to", ",", "and", "smiled", "mageon"]
-    tok = simplestories_pipeline(tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 99},
-                                                                unk_token="[UNK]")))
+    tok = simplestories_pipeline(
+        tokenizers.Tokenizer(WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 99}, unk_token="[UNK]"))
+    )
     text = "Zuzo met Mage. Zuzo ran to Mageon, and Mage smiled. Mage ran."
     # tokens: zuzo0 met1 mage2 .3 zuzo4 ran5 to6 mageon7 ,8 and9 mage10 smiled11 .12 mage13 ran14 .15
     assert name_mentions(tok, text, ["Zuzo", "Mage"], n_ctx=64) == [4, 10, 13]
@@ -60,8 +61,11 @@ def _name_positions(text: str, tok, n_ctx: int, name: str) -> list[int]:
     for p in range(len(ids)):
         nxt = vocab.get(enc.ids[p + len(name_ids)], "") if p + len(name_ids) < len(enc.ids) else ""
         start = enc.offsets[p][0]
-        if (ids[p:p + len(name_ids)] == name_ids[:len(ids) - p] and not nxt.startswith("##")
-                and text[start:start + len(name)] == name):
+        if (
+            ids[p : p + len(name_ids)] == name_ids[: len(ids) - p]
+            and not nxt.startswith("##")
+            and text[start : start + len(name)] == name
+        ):
             found.append(p)
     return found
 
@@ -76,7 +80,7 @@ def test_name_copying_equals_a_story_by_story_computation(tiny_run):
     right = total = 0
     for text, gid in zip(stories["story"], stories["generation_id"]):
         cast = synth.story_cast(gid)
-        ids = encode(tok, text, eos=False)[:model.cfg.n_ctx]
+        ids = encode(tok, text, eos=False)[: model.cfg.n_ctx]
         with torch.no_grad():
             logits = model(torch.tensor([ids]))[0]
         for name in (cast["hero"], cast["friend"]):
@@ -97,7 +101,7 @@ def test_validation_loss_is_the_trainers_on_the_runs_held_out_stories(tiny_run):
     loss, n_tokens = stories_loss(model, val["story"], batch_size=5)
     stream = [i for s in val["story"] for i in encode(model.tokenizer, s, eos=True)]
     n = model.cfg.n_ctx
-    windows = torch.tensor([stream[i * n:(i + 1) * n + 1] for i in range((len(stream) - 1) // n)])
+    windows = torch.tensor([stream[i * n : (i + 1) * n + 1] for i in range((len(stream) - 1) // n)])
     with torch.no_grad():
         logits = model(windows[:, :-1])
     assert n_tokens == windows[:, 1:].numel()
@@ -120,14 +124,28 @@ def test_one_forward_gives_name_copying_and_sslens_probe_on_the_last_token(tiny_
 def test_probe_stories_are_held_out(tiny_run):
     """The run's validation stories, then fresh stories from beyond its corpus: none was trained on."""
     val, stories = eval_stories(tiny_run, None, PROBE)
-    assert len(stories) == PROBE and stories["story"][:len(val)] == val["story"]
+    assert len(stories) == PROBE and stories["story"][: len(val)] == val["story"]
     train_ids = {f"synth-0-{i}" for i in range(2000)}
     assert not train_ids & set(stories["generation_id"])
 
 
 def test_the_command_writes_cards_a_figure_and_an_export(tiny_run, tmp_path, capsys):
-    main(["eval", str(tiny_run), "--steps", "0,300", "--probe_stories", str(PROBE), "--json", str(tmp_path / "c.json"),
-          "--plot", str(tmp_path / "c.html"), "--export", str(tmp_path / "hf")])
+    main(
+        [
+            "eval",
+            str(tiny_run),
+            "--steps",
+            "0,300",
+            "--probe_stories",
+            str(PROBE),
+            "--json",
+            str(tmp_path / "c.json"),
+            "--plot",
+            str(tmp_path / "c.html"),
+            "--export",
+            str(tmp_path / "hf"),
+        ]
+    )
     out = capsys.readouterr().out
     cards = json.loads((tmp_path / "c.json").read_text())
     assert [c["step"] for c in cards] == [0, 300]
@@ -152,12 +170,15 @@ def test_one_card_is_printed_as_markdown(tiny_run, tmp_path, capsys):
     assert 0 <= card.induction <= 1 and np.isfinite(card.val_loss)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--step", "7"], "has no checkpoint at step 7"),
-    (["--steps", "0,7"], "has no checkpoint at step 7"),
-    (["--steps", "x"], "--steps takes 'all' or step numbers"),
-    (["--step", "0", "--steps", "all"], "give --step N or --steps, not both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--step", "7"], "has no checkpoint at step 7"),
+        (["--steps", "0,7"], "has no checkpoint at step 7"),
+        (["--steps", "x"], "--steps takes 'all' or step numbers"),
+        (["--step", "0", "--steps", "all"], "give --step N or --steps, not both"),
+    ],
+)
 def test_bad_requests_are_one_line(tiny_run, args, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", str(tiny_run), *args])
@@ -172,4 +193,3 @@ def test_a_model_without_a_tokenizer_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "m")])
     assert "has no tokenizer" in capsys.readouterr().err
-

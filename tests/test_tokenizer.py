@@ -91,8 +91,11 @@ def test_a_vocabulary_below_the_alphabet_is_refused_naming_the_smallest_that_wor
     assert train_tokenizer(texts, vocab_size=8).get_vocab_size() == 8
     assert alphabet_size(train_tokenizer(texts, vocab_size=20)) == 8
     for asked in (2, 7):
-        with pytest.raises(SSLensError, match=f"a vocabulary of {asked} tokens cannot hold these stories: .* take 8; "
-                                              r"ask for at least 8 \(d_vocab when training, --vocab-size for"):
+        with pytest.raises(
+            SSLensError,
+            match=f"a vocabulary of {asked} tokens cannot hold these stories: .* take 8; "
+            r"ask for at least 8 \(d_vocab when training, --vocab-size for",
+        ):
             train_tokenizer(texts, vocab_size=asked)
     with pytest.raises(SSLensError, match="the vocabulary size must be positive, got -1"):
         train_tokenizer(texts, vocab_size=-1)

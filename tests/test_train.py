@@ -18,8 +18,19 @@ from sslens.train import lr_at, train
 
 from conftest import assert_column_major, free_port
 
-TINY = ["--n_layers=2", "--d_model=64", "--n_heads=4", "--d_mlp=170", "--n_ctx=32", "--batch_size=4",
-        "--warmup_steps=3", "--val_every=10", "--log_every=1", "--data=synth:400", "--dtype=float32"]
+TINY = [
+    "--n_layers=2",
+    "--d_model=64",
+    "--n_heads=4",
+    "--d_mlp=170",
+    "--n_ctx=32",
+    "--batch_size=4",
+    "--warmup_steps=3",
+    "--val_every=10",
+    "--log_every=1",
+    "--data=synth:400",
+    "--dtype=float32",
+]
 
 
 def tiny(tmp_path, *extra, name="run"):
@@ -43,9 +54,25 @@ def write_tokenizer(tmp_path) -> None:
 
 def torchrun_train(*args: str, timeout: int) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node=2 -m sslens train 1.25M ARGS` on CPU, one thread per process."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-                           f"--master-port={free_port()}", "-m", "sslens", "train", "1.25M", *args], capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "sslens",
+            "train",
+            "1.25M",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=timeout,
+    )
 
 
 def test_checkpoint_schedules():
@@ -65,10 +92,19 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_run_directory_and_loading(tmp_path):
     run = train(*tiny(tmp_path, "--max_steps=12"))
-    assert {p.name for p in run.iterdir()} == {"config.yaml", "tokenizer.json", "split.json", "metrics.jsonl", "checkpoints"}
+    assert {p.name for p in run.iterdir()} == {
+        "config.yaml",
+        "tokenizer.json",
+        "split.json",
+        "metrics.jsonl",
+        "checkpoints",
+    }
     assert saved_steps(run) == [0, 1, 2, 4, 8, 12]
-    assert all((run / "checkpoints" / f"step_{s:07d}" / f).is_file() for s in saved_steps(run)
-               for f in ("model.safetensors", "trainer.pt"))
+    assert all(
+        (run / "checkpoints" / f"step_{s:07d}" / f).is_file()
+        for s in saved_steps(run)
+        for f in ("model.safetensors", "trainer.pt")
+    )
     rows = metrics(run)
     assert [r["step"] for r in rows] == list(range(1, 13)) and rows[-1]["tokens"] == 12 * 4 * 32
     assert {"loss", "lr", "grad_norm", "tok_s"} <= set(rows[0]) and "val_loss" in rows[9] and "val_loss" in rows[-1]
@@ -126,8 +162,13 @@ def test_weight_decay_on_two_dimensional_weights_only():
 def test_train_help_lists_every_key_with_its_default():
     from sslens.config import ModelConfig, TrainConfig, settable_fields
 
-    out = subprocess.run([sys.executable, "-m", "sslens", "train", "--help"], capture_output=True, text=True,
-                         check=True, env={**os.environ, "COLUMNS": "400"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "sslens", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "400"},
+    ).stdout
     for f in settable_fields(TrainConfig):
         assert re.search(rf"^  {f.name} +\S.* \[{re.escape(repr(f.default))}\]$", out, re.M), f.name
     model_keys = out.split("model keys")[1]
@@ -136,8 +177,9 @@ def test_train_help_lists_every_key_with_its_default():
 
 @pytest.mark.parametrize("lagged", [False, True], ids=["read at once", "read during the next step"])
 @pytest.mark.parametrize("fault", ["nan loss", "inf gradient, finite loss"])
-def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fault,
-                                                                                        lagged):
+def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch, fault, lagged
+):
     """The 6th training loss is NaN, or finite with an infinite gradient (sqrt at 0): training stops at step 6,
     naming it, and the optimizer never writes non-finite weights; checkpoints 0, 1, 2, 4 remain and are finite.
     Also when, as on a GPU, each step's numbers are read during the next step (the update is skipped on the device)."""
@@ -155,7 +197,9 @@ def test_an_injected_non_finite_step_stops_training_and_keeps_the_last_good_chec
         return loss * float("nan") if fault == "nan loss" else loss + torch.sqrt(logits.sum() - logits.sum().detach())
 
     monkeypatch.setattr(sslens.train.F, "cross_entropy", faulty)
-    with pytest.raises(SSLensError, match=r"the loss is .* at step 6; training stopped. The newest good checkpoint is step 4"):
+    with pytest.raises(
+        SSLensError, match=r"the loss is .* at step 6; training stopped. The newest good checkpoint is step 4"
+    ):
         train(*tiny(tmp_path, "--max_steps=30"))
     assert saved_steps(tmp_path / "run") == [0, 1, 2, 4]
     assert all(torch.isfinite(p).all() for s in (0, 1, 2, 4) for p in load_model(tmp_path / "run", step=s).parameters())
@@ -171,9 +215,13 @@ def test_reading_each_step_during_the_next_trains_and_logs_as_reading_it_at_once
     runs = {}
     for lagged in (False, True):
         monkeypatch.setattr(sslens.train, "LAGGED_DEVICES", ("cpu",) if lagged else ())
-        runs[lagged] = train(*tiny(tmp_path, "--max_steps=12", f"--tokenizer={tmp_path / 'tok.json'}", name=f"lagged{lagged}"))
+        runs[lagged] = train(
+            *tiny(tmp_path, "--max_steps=12", f"--tokenizer={tmp_path / 'tok.json'}", name=f"lagged{lagged}")
+        )
     keys = ("step", "tokens", "loss", "lr", "grad_norm", "val_loss")
-    assert [[m.get(k) for k in keys] for m in metrics(runs[True])] == [[m.get(k) for k in keys] for m in metrics(runs[False])]
+    assert [[m.get(k) for k in keys] for m in metrics(runs[True])] == [
+        [m.get(k) for k in keys] for m in metrics(runs[False])
+    ]
     assert len(metrics(runs[True])) == 12 and metrics(runs[True])[9]["val_loss"] > 0
     assert saved_steps(runs[True]) == saved_steps(runs[False])
     for step in saved_steps(runs[True]):
@@ -195,7 +243,9 @@ def test_a_checkpoint_of_a_foreach_optimizer_resumes_fused(tmp_path):
     torch.save(state, path)
     train(*tiny(tmp_path, "--max_steps=6", tok, "--resume"))
     final, expected = load_model(run), load_model(reference)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(final.state_dict().values(), expected.state_dict().values()))
+    assert all(
+        torch.allclose(a, b, atol=1e-6) for a, b in zip(final.state_dict().values(), expected.state_dict().values())
+    )
     assert [m["step"] for m in metrics(run)] == list(range(1, 7))
 
 
@@ -203,7 +253,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A real process killed mid-run, resumed: bitwise the same final weights, and no step lost or doubled."""
     write_tokenizer(tmp_path)
     args = [*TINY, "--max_steps=40", f"--tokenizer={tmp_path / 'tok.json'}"]
-    reference = train(*tiny(tmp_path, *args[len(TINY):], name="reference"))
+    reference = train(*tiny(tmp_path, *args[len(TINY) :], name="reference"))
     run = tmp_path / "killed"
     cmd = [sys.executable, "-m", "sslens.cli", "train", "1.25M", *args, f"--out_dir={run}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -231,9 +281,15 @@ def test_sigkill_at_random_points_leaves_only_complete_checkpoints(tmp_path):
     import random
 
     write_tokenizer(tmp_path)
-    args = [*TINY, "--max_steps=30", "--checkpoint_schedule=linear", "--checkpoint_every=2", "--log_every=1",
-            f"--tokenizer={tmp_path / 'tok.json'}"]
-    reference = load_model(train(*tiny(tmp_path, *args[len(TINY):], name="reference")))
+    args = [
+        *TINY,
+        "--max_steps=30",
+        "--checkpoint_schedule=linear",
+        "--checkpoint_every=2",
+        "--log_every=1",
+        f"--tokenizer={tmp_path / 'tok.json'}",
+    ]
+    reference = load_model(train(*tiny(tmp_path, *args[len(TINY) :], name="reference")))
     for seed in range(3):
         run = tmp_path / f"killed{seed}"
         cmd = [sys.executable, "-m", "sslens.cli", "train", "1.25M", *args, f"--out_dir={run}"]
@@ -248,7 +304,10 @@ def test_sigkill_at_random_points_leaves_only_complete_checkpoints(tmp_path):
         proc.wait()
         assert saved_steps(run)[-1] < 30, "the run finished before it was killed"
         for step_dir in (run / "checkpoints").iterdir():
-            assert step_dir.name.startswith(".tmp-") or {p.name for p in step_dir.iterdir()} == {"model.safetensors", "trainer.pt"}
+            assert step_dir.name.startswith(".tmp-") or {p.name for p in step_dir.iterdir()} == {
+                "model.safetensors",
+                "trainer.pt",
+            }
         for step in saved_steps(run):
             load_model(run, step=step)
         r = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
@@ -266,18 +325,20 @@ def test_sigkill_inside_a_checkpoint_write(tmp_path, nth_write):
     a `.tmp-` directory only, never a checkpoint; resume continues from the one before and ends bitwise equal."""
     write_tokenizer(tmp_path)
     args = [*TINY, "--max_steps=12", f"--tokenizer={tmp_path / 'tok.json'}"]
-    reference = load_model(train(*tiny(tmp_path, *args[len(TINY):], name="reference")))
+    reference = load_model(train(*tiny(tmp_path, *args[len(TINY) :], name="reference")))
     run = tmp_path / "killed"
-    dying_save = ("import os, signal, sys, torch\nfrom sslens.cli import main\nsave, calls = torch.save, []\n"
-                  "def save_or_die(obj, f):\n    calls.append(f)\n"
-                  f"    if len(calls) == {nth_write}: os.kill(os.getpid(), signal.SIGKILL)\n"
-                  "    save(obj, f)\ntorch.save = save_or_die\nmain(sys.argv[1:])\n")
+    dying_save = (
+        "import os, signal, sys, torch\nfrom sslens.cli import main\nsave, calls = torch.save, []\n"
+        "def save_or_die(obj, f):\n    calls.append(f)\n"
+        f"    if len(calls) == {nth_write}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    save(obj, f)\ntorch.save = save_or_die\nmain(sys.argv[1:])\n"
+    )
     cmd = ["train", "1.25M", *args, f"--out_dir={run}"]
     killed = subprocess.run([sys.executable, "-c", dying_save, *cmd], capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL
     partial = [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert len(partial) == 1 and {p.name for p in partial[0].iterdir()} == {"model.safetensors"}
-    assert saved_steps(run) == [0, 1, 2, 4, 8][:nth_write - 1]
+    assert saved_steps(run) == [0, 1, 2, 4, 8][: nth_write - 1]
     r = subprocess.run([sys.executable, "-m", "sslens", *cmd, "--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert saved_steps(run) == [0, 1, 2, 4, 8, 12] and not list((run / "checkpoints").glob(".tmp-*"))
@@ -299,8 +360,10 @@ def test_a_corrupted_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, 
     capsys.readouterr()
     train(*tiny(tmp_path, "--max_steps=16", "--resume", tok, name="broken"))  # falls back to step 8
     assert "step_0000016/model.safetensors is unreadable" in capsys.readouterr().err
-    assert all(torch.equal(a, b) for a, b in zip(load_model(run).state_dict().values(),
-                                                 load_model(reference).state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(load_model(run).state_dict().values(), load_model(reference).state_dict().values())
+    )
     assert [m["step"] for m in metrics(run)] == list(range(1, 17))
     assert [m["loss"] for m in metrics(run)] == [m["loss"] for m in metrics(reference)]
 
@@ -340,7 +403,9 @@ def test_flops_per_token_matches_torch_flop_counter(preset):
     # the CPU flash-attention kernel)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.run_with_hooks(tokens, fwd_hooks=[(lambda name: name.endswith("hook_pattern"), lambda t, hook: None)])
-    assert flops_per_token(model.cfg, training=False) == pytest.approx(counter.get_total_flops() / model.cfg.n_ctx, rel=0.01)
+    assert flops_per_token(model.cfg, training=False) == pytest.approx(
+        counter.get_total_flops() / model.cfg.n_ctx, rel=0.01
+    )
 
 
 @pytest.mark.slow
@@ -348,7 +413,9 @@ def test_two_ddp_processes_follow_one_process_with_the_same_global_batch(tmp_pat
     """torchrun, 2 CPU processes (gloo) x batch 2 against 1 process x batch 4: the same losses, step by step."""
     write_tokenizer(tmp_path)
     common = [*TINY, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}"]
-    single = train(*tiny(tmp_path, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}", "--batch_size=4", name="single"))
+    single = train(
+        *tiny(tmp_path, "--max_steps=8", f"--tokenizer={tmp_path / 'tok.json'}", "--batch_size=4", name="single")
+    )
     r = torchrun_train(*common, "--batch_size=2", f"--out_dir={tmp_path / 'ddp'}", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     ddp, ref = metrics(tmp_path / "ddp"), metrics(single)
@@ -379,14 +446,32 @@ def test_a_run_without_a_terminal_prints_plain_progress_and_a_summary(tmp_path):
     """stderr a pipe (a log file, CI, a scheduler): no bar, but a plain line every print_every steps and at the end,
     and one summary line with the final losses that metrics.jsonl holds."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "sslens", "train", "1.25M", *TINY, "--max_steps=12", "--print_every=5",
-                        f"--out_dir={out}"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sslens",
+            "train",
+            "1.25M",
+            *TINY,
+            "--max_steps=12",
+            "--print_every=5",
+            f"--out_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     lines = [l for l in r.stderr.splitlines() if l.startswith("step ")]
     assert [l.split()[1] for l in lines] == ["5/12", "10/12", "12/12"], r.stderr
-    assert all(re.fullmatch(r"step \d+/12 loss [\d.]+( val_loss [\d.]+)? tok/s [\d,]+ elapsed \d+m\d\ds eta \d+m\d\ds", l)
-               for l in lines), lines
+    assert all(
+        re.fullmatch(r"step \d+/12 loss [\d.]+( val_loss [\d.]+)? tok/s [\d,]+ elapsed \d+m\d\ds eta \d+m\d\ds", l)
+        for l in lines
+    ), lines
     last = metrics(out)[-1]
-    summary = (f"final train loss {last['loss']:.4f}, final validation loss {last['val_loss']:.4f}; "
-               f"checkpoints in {out / 'checkpoints'}")
+    summary = (
+        f"final train loss {last['loss']:.4f}, final validation loss {last['val_loss']:.4f}; "
+        f"checkpoints in {out / 'checkpoints'}"
+    )
     assert re.fullmatch(rf"finished 12 steps in \d+m\d\ds, {re.escape(summary)}", r.stdout.splitlines()[-1]), r.stdout
