@@ -8,20 +8,36 @@ import pyarrow.parquet as pq
 import pytest
 
 from sslens import synth
-from sslens.fileio import DiskFull
 from sslens.data import load_stories
+from sslens.fileio import DiskFull
 from sslens.tokenizer import encode_batch, train_tokenizer
 
 from conftest import shared_file
 
 # The 21 columns of SimpleStories/SimpleStories, in order, with their dtypes (from its dataset card).
-SCHEMA = [("story", "string"), ("topic", "string"), ("theme", "string"), ("style", "string"), ("feature", "string"),
-          ("grammar", "string"), ("persona", "string"), ("initial_word_type", "string"), ("initial_letter", "string"),
-          ("word_count", "int64"), ("character_count", "int64"), ("num_paragraphs", "int64"),
-          ("avg_word_length", "double"), ("avg_sentence_length", "double"), ("flesch_reading_ease", "double"),
-          ("flesch_kincaid_grade", "double"), ("dale_chall_readability_score", "double"),
-          ("num_stories_in_completion", "int64"), ("expected_num_stories_in_completion", "int64"),
-          ("generation_id", "string"), ("model", "string")]
+SCHEMA = [
+    ("story", "string"),
+    ("topic", "string"),
+    ("theme", "string"),
+    ("style", "string"),
+    ("feature", "string"),
+    ("grammar", "string"),
+    ("persona", "string"),
+    ("initial_word_type", "string"),
+    ("initial_letter", "string"),
+    ("word_count", "int64"),
+    ("character_count", "int64"),
+    ("num_paragraphs", "int64"),
+    ("avg_word_length", "double"),
+    ("avg_sentence_length", "double"),
+    ("flesch_reading_ease", "double"),
+    ("flesch_kincaid_grade", "double"),
+    ("dale_chall_readability_score", "double"),
+    ("num_stories_in_completion", "int64"),
+    ("expected_num_stories_in_completion", "int64"),
+    ("generation_id", "string"),
+    ("model", "string"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +66,13 @@ def test_label_vocabularies_are_the_simplestories_ones():
     for key in ("themes", "topics", "styles", "features", "grammars", "personas", "word_types", "letter_frequencies"):
         assert labels[key] == params[key], key
     c = synth.content()
-    for key, content_key in (("themes", "themes"), ("topics", "topics"), ("styles", "styles"),
-                             ("grammars", "grammars"), ("personas", "personas")):
+    for key, content_key in (
+        ("themes", "themes"),
+        ("topics", "topics"),
+        ("styles", "styles"),
+        ("grammars", "grammars"),
+        ("personas", "personas"),
+    ):
         assert set(c[content_key]) == set(labels[key]), key
     assert set(synth.FEATURES) == set(labels["features"]) and set(synth.STYLES) == set(labels["styles"])
 
@@ -111,12 +132,15 @@ def test_theme_topic_grammar_and_persona_are_in_the_plan():
             assert c["personas"][labels["persona"]]["intro"] in text
 
 
-@pytest.mark.parametrize("feature, check", [
-    ("dialogue", lambda story, n: story.count('"') >= 4),
-    ("a reverse timeline", lambda story, n: story.count("Before that, ") == n - 1),
-    ("a story told through letters", lambda story, n: "Dear " in story),
-    ("a cliffhanger", lambda story, n: "saw something no one had ever seen before" in story.split("\n\n")[-1]),
-])
+@pytest.mark.parametrize(
+    "feature, check",
+    [
+        ("dialogue", lambda story, n: story.count('"') >= 4),
+        ("a reverse timeline", lambda story, n: story.count("Before that, ") == n - 1),
+        ("a story told through letters", lambda story, n: "Dear " in story),
+        ("a cliffhanger", lambda story, n: "saw something no one had ever seen before" in story.split("\n\n")[-1]),
+    ],
+)
 def test_features_shape_the_structure(feature, check):
     found = 0
     for index in range(3000):
@@ -141,7 +165,9 @@ def test_structural_features_in_the_plan():
 
 
 def test_refrain_styles_repeat_their_refrain():
-    refrains = {s: synth.content()["styles"][s]["refrain"].rstrip(".!?") for s, st in synth.STYLES.items() if st.refrain}
+    refrains = {
+        s: synth.content()["styles"][s]["refrain"].rstrip(".!?") for s, st in synth.STYLES.items() if st.refrain
+    }
     for index in range(600):
         labels, paras = labels_and_plan(13, index)
         if labels["style"] in refrains:
@@ -192,10 +218,21 @@ def test_cli_synth_and_tokenizer(tmp_path, monkeypatch):
     run = lambda *a: subprocess.run([sys.executable, "-m", "sslens.cli", *a], capture_output=True, text=True)
     r = run("data", "synth", "--n", "300", "--seed", "2", "--out", str(tmp_path / "s.parquet"))
     assert r.returncode == 0 and "wrote 300 stories" in r.stdout
-    r = run("tokenizer", "train", "--data", str(tmp_path / "s.parquet"), "--vocab-size", "500", "--out", str(tmp_path / "t.json"))
+    r = run(
+        "tokenizer",
+        "train",
+        "--data",
+        str(tmp_path / "s.parquet"),
+        "--vocab-size",
+        "500",
+        "--out",
+        str(tmp_path / "t.json"),
+    )
     assert r.returncode == 0 and json.loads((tmp_path / "t.json").read_text())["model"]["type"] == "WordPiece"
-    for args in (["data", "synth", "--out", str(tmp_path / "no" / "dir" / "x.parquet")],
-                 ["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json")]):
+    for args in (
+        ["data", "synth", "--out", str(tmp_path / "no" / "dir" / "x.parquet")],
+        ["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.json")],
+    ):
         r = run(*args)
         assert r.returncode == 2 and r.stderr.startswith("sslens: error:") and r.stderr.count("\n") == 1, r.stderr
 
@@ -223,8 +260,16 @@ def test_two_processes_building_the_same_synth_corpus_at_once_both_get_it(tmp_pa
     """First use from two processes at once (two runs started together): each writes its own temporary file, both
     read a complete corpus, and one file remains, with no temporary file beside it."""
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", SAME_CORPUS_AT_ONCE, str(tmp_path)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAME_CORPUS_AT_ONCE, str(tmp_path)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     try:
         results = [(p.communicate(timeout=240)[1], p.returncode) for p in procs]
     finally:

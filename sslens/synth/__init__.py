@@ -39,10 +39,30 @@ LABEL_COLUMNS = ["topic", "theme", "style", "feature", "grammar", "persona", "in
 
 # The names SimpleStories asked for, and names made of common words (as its prompt allowed), with pronouns.
 NAMES = {
-    "Mia": "she", "Alex": "he", "Jean": "she", "Samuel": "he", "Lily": "she", "Leo": "he", "Jose": "he", "Kim": "she",
-    "Alice": "she", "Lena": "she", "Rita": "she", "Emmanuel": "he", "Anne": "she", "Peter": "he", "Maria": "she",
-    "Luis": "he", "Blue Star": "she", "Little Pebble": "he", "Sunny Day": "she", "Brave Oak": "he", "Red Leaf": "she",
-    "Tall Pine": "he", "Bright Moon": "she", "Quick River": "he",
+    "Mia": "she",
+    "Alex": "he",
+    "Jean": "she",
+    "Samuel": "he",
+    "Lily": "she",
+    "Leo": "he",
+    "Jose": "he",
+    "Kim": "she",
+    "Alice": "she",
+    "Lena": "she",
+    "Rita": "she",
+    "Emmanuel": "he",
+    "Anne": "she",
+    "Peter": "he",
+    "Maria": "she",
+    "Luis": "he",
+    "Blue Star": "she",
+    "Little Pebble": "he",
+    "Sunny Day": "she",
+    "Brave Oak": "he",
+    "Red Leaf": "she",
+    "Tall Pine": "he",
+    "Bright Moon": "she",
+    "Quick River": "he",
 }
 NAME_LIST = list(NAMES)
 # Most heroes and friends get a made-up name of two syllables and an optional ending (about 20,000 of them, each in
@@ -52,13 +72,23 @@ NAME_LIST = list(NAMES)
 ONSETS, VOWELS, ENDINGS = "bdfghjklmnprstvz", "aeiou", ("", "n", "l", "r")
 LISTED_NAME_SHARE = 0.2
 CHANT_SHARE = 0.8
-CHANT_INTRO = ['{friend} taught {hero} a secret chant: "{chant}!"', 'On the old door were the magic words "{chant}."',
-               'Every night, {hero} sang a little song that went "{chant}."']
-CHANT_USE = ['{hero} whispered "{chant}," and {he} felt brave again.', '"{chant}!" {hero} said, just like before.',
-             'Then everyone sang "{chant}" together, and {place} felt warm.']
+CHANT_INTRO = [
+    '{friend} taught {hero} a secret chant: "{chant}!"',
+    'On the old door were the magic words "{chant}."',
+    'Every night, {hero} sang a little song that went "{chant}."',
+]
+CHANT_USE = [
+    '{hero} whispered "{chant}," and {he} felt brave again.',
+    '"{chant}!" {hero} said, just like before.',
+    'Then everyone sang "{chant}" together, and {place} felt warm.',
+]
 PRONOUNS = {"he": ("he", "him", "his"), "she": ("she", "her", "her")}
-CAST = {"pair": "{hero} had a good friend named {friend}.", "group": "{hero} and {friend} had many friends in {place}.",
-        "rival": "{friend} always wanted to beat {hero} at everything.", "solo": "{hero} liked to do things alone."}
+CAST = {
+    "pair": "{hero} had a good friend named {friend}.",
+    "group": "{hero} and {friend} had many friends in {place}.",
+    "rival": "{friend} always wanted to beat {hero} at everything.",
+    "solo": "{hero} liked to do things alone.",
+}
 
 
 @dataclass(frozen=True)
@@ -70,18 +100,37 @@ class Style:
 
 
 STYLES = {
-    "whimsical": Style(0.3, 0.3, 0.05, False), "playful": Style(0.2, 0.4, 0.1, True), "epic": Style(0.6, 0.15, 0, False),
-    "fairy tale-like": Style(0.4, 0.05, 0, False), "modern": Style(0.15, 0.05, 0.05, False),
-    "classic": Style(0.5, 0, 0, False), "lyric": Style(0.4, 0, 0, True), "mythological": Style(0.6, 0.05, 0, False),
-    "lighthearted": Style(0.3, 0.2, 0.05, False), "adventurous": Style(0.3, 0.3, 0, False),
-    "heartwarming": Style(0.4, 0.1, 0, False), "humorous": Style(0.2, 0.35, 0.1, False),
-    "mystical": Style(0.5, 0, 0.1, False), "action-packed": Style(0, 0.5, 0, False), "fable-like": Style(0.4, 0, 0, False),
-    "surreal": Style(0.4, 0.1, 0.15, True), "philosophical": Style(0.4, 0, 0.4, False), "melancholic": Style(0.5, 0, 0.05, True),
-    "noir": Style(0, 0, 0.1, False), "romantic": Style(0.5, 0.05, 0, True), "tragic": Style(0.4, 0, 0, False),
-    "minimalist": Style(0, 0, 0, False), "suspenseful": Style(0, 0.2, 0.25, False),
+    "whimsical": Style(0.3, 0.3, 0.05, False),
+    "playful": Style(0.2, 0.4, 0.1, True),
+    "epic": Style(0.6, 0.15, 0, False),
+    "fairy tale-like": Style(0.4, 0.05, 0, False),
+    "modern": Style(0.15, 0.05, 0.05, False),
+    "classic": Style(0.5, 0, 0, False),
+    "lyric": Style(0.4, 0, 0, True),
+    "mythological": Style(0.6, 0.05, 0, False),
+    "lighthearted": Style(0.3, 0.2, 0.05, False),
+    "adventurous": Style(0.3, 0.3, 0, False),
+    "heartwarming": Style(0.4, 0.1, 0, False),
+    "humorous": Style(0.2, 0.35, 0.1, False),
+    "mystical": Style(0.5, 0, 0.1, False),
+    "action-packed": Style(0, 0.5, 0, False),
+    "fable-like": Style(0.4, 0, 0, False),
+    "surreal": Style(0.4, 0.1, 0.15, True),
+    "philosophical": Style(0.4, 0, 0.4, False),
+    "melancholic": Style(0.5, 0, 0.05, True),
+    "noir": Style(0, 0, 0.1, False),
+    "romantic": Style(0.5, 0.05, 0, True),
+    "tragic": Style(0.4, 0, 0, False),
+    "minimalist": Style(0, 0, 0, False),
+    "suspenseful": Style(0, 0.2, 0.25, False),
 }
-QUESTIONS = ["Who could say why?", "What would happen next?", "Was it really so simple?", "Why does the world work like this?",
-             "How could anyone know?"]
+QUESTIONS = [
+    "Who could say why?",
+    "What would happen next?",
+    "Was it really so simple?",
+    "Why does the world work like this?",
+    "How could anyone know?",
+]
 # First words that may be lowercased when a sentence is joined onto the one before it.
 JOINABLE = {"The", "A", "An", "He", "She", "It", "They", "Then", "Soon", "Everyone", "Nobody", "Some", "All", "There"}
 
@@ -89,8 +138,10 @@ JOINABLE = {"The", "A", "An", "He", "She", "It", "They", "Then", "Soon", "Everyo
 @functools.cache
 def content() -> dict:
     files = resources.files(__name__)
-    c = {name: yaml.safe_load(files.joinpath(f"{name}.yaml").read_text())
-         for name in ("themes", "topics", "styles", "grammars", "personas", "openers")}
+    c = {
+        name: yaml.safe_load(files.joinpath(f"{name}.yaml").read_text())
+        for name in ("themes", "topics", "styles", "grammars", "personas", "openers")
+    }
     c["labels"] = json.loads(files.joinpath("labels.json").read_text())
     return c
 
@@ -101,7 +152,9 @@ def sample_labels(rng: random.Random) -> dict:
     labels = content()["labels"]
     letters, cum_weights = _letters()
     return {
-        "topic": rng.choice(labels["topics"]), "theme": rng.choice(labels["themes"]), "style": rng.choice(labels["styles"]),
+        "topic": rng.choice(labels["topics"]),
+        "theme": rng.choice(labels["themes"]),
+        "style": rng.choice(labels["styles"]),
         "feature": rng.choice(labels["features"]),
         "grammar": rng.choice(labels["grammars"]) if rng.random() < 0.5 else "",
         "persona": rng.choice(labels["personas"]) if rng.random() < 1 / 3 else "",
@@ -126,10 +179,17 @@ def content_words() -> frozenset[str]:
         if isinstance(x, str):
             words.update(w.lower() for w in re.findall(r"[A-Za-z]+", x))
         elif isinstance(x, dict | list):
-            for v in (x.values() if isinstance(x, dict) else x):
+            for v in x.values() if isinstance(x, dict) else x:
                 walk(v)
-    walk([content()[k] for k in ("themes", "topics", "styles", "grammars", "personas", "openers")] + NAME_LIST
-         + CHANT_INTRO + CHANT_USE + list(CAST.values()) + QUESTIONS)
+
+    walk(
+        [content()[k] for k in ("themes", "topics", "styles", "grammars", "personas", "openers")]
+        + NAME_LIST
+        + CHANT_INTRO
+        + CHANT_USE
+        + list(CAST.values())
+        + QUESTIONS
+    )
     return frozenset(words)
 
 
@@ -208,8 +268,10 @@ def _prefix(marker: str, template: str) -> str:
     """`marker` ("Later, ") put before a sentence template, whose first word is then no longer capitalised."""
     for slot in ("{He}", "{His}"):
         if template.startswith(slot):
-            return marker + slot.lower() + template[len(slot):]
-    return marker + (template if template[0] == "{" or template.startswith("I ") else template[0].lower() + template[1:])
+            return marker + slot.lower() + template[len(slot) :]
+    return marker + (
+        template if template[0] == "{" or template.startswith("I ") else template[0].lower() + template[1:]
+    )
 
 
 def _reorder(p, rng, reverse: bool):
@@ -217,9 +279,13 @@ def _reorder(p, rng, reverse: bool):
     middle = p[1:]
     middle.reverse() if reverse else rng.shuffle(middle)
     for para in middle:
-        para[0] = _prefix("Before that, " if reverse else rng.choice(["Later, ", "Much earlier, ", "Some time before, "]), para[0])
+        para[0] = _prefix(
+            "Before that, " if reverse else rng.choice(["Later, ", "Much earlier, ", "Some time before, "]), para[0]
+        )
     p[1:] = middle
-    p[0].insert(1, "This story is told from its end back to its start." if reverse else "This story is not told in order.")
+    p[0].insert(
+        1, "This story is told from its end back to its start." if reverse else "This story is not told in order."
+    )
 
 
 def _cliffhanger(p, th, rng):
@@ -230,75 +296,121 @@ def _cliffhanger(p, th, rng):
 
 FEATURES: dict[str, Callable] = {
     "dialogue": _dialogue,
-    "in medias res": lambda p, th, rng: (p[0].insert(1, th["turn"][0]), p[0].insert(2, "But that was later. It all began like this.")),
+    "in medias res": lambda p, th, rng: (
+        p[0].insert(1, th["turn"][0]),
+        p[0].insert(2, "But that was later. It all began like this."),
+    ),
     "a moral lesson": lambda p, th, rng: p[-1].append("The moral of the story is simple. " + th["moral"][0]),
     "absence indicating a presence": lambda p, th, rng: (
         p[0].append("Someone had left {a_thing} by the door, but nobody was there."),
-        p[-1].append("Only {friend} could have left {thing} there, quiet as a shadow.")),
+        p[-1].append("Only {friend} could have left {thing} there, quiet as a shadow."),
+    ),
     "a story told through letters": lambda p, th, rng: (
         p[0].insert(1, "Dear {friend}, I must write to you about what happened."),
-        p[-1].append("Your friend always, {hero}.")),
-    "a twist ending": lambda p, th, rng: p[-1].append(rng.choice([
-        "But then {hero} woke up, and it had all been a dream.",
-        "And the biggest surprise of all was that {friend} had known everything from the start."])),
+        p[-1].append("Your friend always, {hero}."),
+    ),
+    "a twist ending": lambda p, th, rng: p[-1].append(
+        rng.choice(
+            [
+                "But then {hero} woke up, and it had all been a dream.",
+                "And the biggest surprise of all was that {friend} had known everything from the start.",
+            ]
+        )
+    ),
     "an unrealiable narrater": lambda p, th, rng: (
         p[0].insert(1, "I was there, and I remember it all very well, I think."),
         _middle(p).append("Or maybe it was the other way around. I am not so sure."),
-        p[-1].append("At least, that is how I tell it.")),
+        p[-1].append("At least, that is how I tell it."),
+    ),
     "foreshadowing": lambda p, th, rng: (
         p[0].append("{hero} did not know it yet, but {thing} would soon matter a lot."),
-        _at_start(p, p[-1], "Just as the early sign had hinted, {thing} made all the difference.")),
+        _at_start(p, p[-1], "Just as the early sign had hinted, {thing} made all the difference."),
+    ),
     "irony": lambda p, th, rng: (
         p[0].append("{hero} said {he} would never, ever need {thing}."),
-        p[-1].append("In the end, {thing} was the one thing {hero} needed most.")),
+        p[-1].append("In the end, {thing} was the one thing {hero} needed most."),
+    ),
     "inner monologue": lambda p, th, rng: (
         _middle(p).append('{hero} thought to {him}self, "What should I do now?"'),
-        _at_start(p, p[-1], '"I can do this," {hero} thought quietly.')),
+        _at_start(p, p[-1], '"I can do this," {hero} thought quietly.'),
+    ),
     "symbolism": lambda p, th, rng: (
         p[0].append("{thing} shone like a small sun, a sign of hope."),
-        p[-1].append("And {thing} kept shining, just like {his} hope.")),
+        p[-1].append("And {thing} kept shining, just like {his} hope."),
+    ),
     "a MacGuffin": lambda p, th, rng: (
         p[0].append("Everyone in {place} wanted {thing}, but nobody knew why."),
-        p[-1].append("Nobody ever found out what {thing} was really for.")),
+        p[-1].append("Nobody ever found out what {thing} was really for."),
+    ),
     "a non-linear timeline": lambda p, th, rng: _reorder(p, rng, reverse=False),
     "a reverse timeline": lambda p, th, rng: _reorder(p, rng, reverse=True),
     "circular narrative structure": lambda p, th, rng: p[-1].append("And so it began again. " + p[0][0]),
-    "a flashback": lambda p, th, rng: _at_start(p, _middle(p), "{hero} remembered a day long ago, when {he} first saw {thing}."),
-    "a nested structure": lambda p, th, rng: _middle(p).extend([
-        "{friend} told a story about {a_creature}, who told a story about {a_thing}.",
-        "Inside that story was one more story, small as a seed."]),
-    "a story within a story": lambda p, th, rng: _middle(p).extend([
-        "That night, {friend} told {hero} an old tale about {a_creature} who lost {a_thing} and found it again.",
-        "{hero} listened and thought about {his} own story."]),
+    "a flashback": lambda p, th, rng: _at_start(
+        p, _middle(p), "{hero} remembered a day long ago, when {he} first saw {thing}."
+    ),
+    "a nested structure": lambda p, th, rng: _middle(p).extend(
+        [
+            "{friend} told a story about {a_creature}, who told a story about {a_thing}.",
+            "Inside that story was one more story, small as a seed.",
+        ]
+    ),
+    "a story within a story": lambda p, th, rng: _middle(p).extend(
+        [
+            "That night, {friend} told {hero} an old tale about {a_creature} who lost {a_thing} and found it again.",
+            "{hero} listened and thought about {his} own story.",
+        ]
+    ),
     "a Red Herring": lambda p, th, rng: (
         p[0].append("{hero} was sure that {creature} was up to something."),
-        _at_start(p, p[-1], "But {creature} had nothing to do with it after all.")),
-    "multiple perspectives": lambda p, th, rng: _middle(p).extend([
-        "From {friend}'s side, things looked very different.", "{friend} saw a small problem where {hero} saw a big one."]),
+        _at_start(p, p[-1], "But {creature} had nothing to do with it after all."),
+    ),
+    "multiple perspectives": lambda p, th, rng: _middle(p).extend(
+        [
+            "From {friend}'s side, things looked very different.",
+            "{friend} saw a small problem where {hero} saw a big one.",
+        ]
+    ),
     "Checkhov's gun": lambda p, th, rng: (
         p[0].append("On the wall of {place} hung an old rope that nobody ever used."),
-        _at_start(p, p[-1], "{hero} grabbed the old rope from the wall, and it saved the day.")),
+        _at_start(p, p[-1], "{hero} grabbed the old rope from the wall, and it saved the day."),
+    ),
     "the fourth wall": lambda p, th, rng: (
         p[0].insert(1, "Yes, you, reading this story, come a little closer."),
-        _middle(p).append("You may be wondering, dear reader, what happened next.")),
+        _middle(p).append("You may be wondering, dear reader, what happened next."),
+    ),
     "a cliffhanger": _cliffhanger,
     "an anti-hero": lambda p, th, rng: (
         p[0].insert(1, "{hero} was not a nice hero. {He} was grumpy and rude to everyone."),
-        p[-1].append("Still, in {his} own grumpy way, {hero} did the right thing.")),
-    "juxtaposition": lambda p, th, rng: _middle(p).append("Outside, {place} was loud and bright, but inside, {hero} felt quiet and dark."),
-    "climactic structure": lambda p, th, rng: _at_start(p, p[-1], "First the wind blew. Then the rain fell. Then the whole sky shook."),
+        p[-1].append("Still, in {his} own grumpy way, {hero} did the right thing."),
+    ),
+    "juxtaposition": lambda p, th, rng: _middle(p).append(
+        "Outside, {place} was loud and bright, but inside, {hero} felt quiet and dark."
+    ),
+    "climactic structure": lambda p, th, rng: _at_start(
+        p, p[-1], "First the wind blew. Then the rain fell. Then the whole sky shook."
+    ),
 }
 
 
 # Features whose device is the story's final sentence: no style line may follow it.
-LAST_SENTENCE_FEATURES = {"a cliffhanger", "circular narrative structure", "a twist ending", "a story told through letters"}
+LAST_SENTENCE_FEATURES = {
+    "a cliffhanger",
+    "circular narrative structure",
+    "a twist ending",
+    "a story told through letters",
+}
 
 
 def plan(labels: dict, rng: random.Random) -> list[list[str]]:
     """The story as paragraphs of sentence templates: plot, topic, feature, grammar, persona and style lines.
     Events and style lines are drawn without replacement, so no sentence repeats by chance."""
     c = content()
-    th, tp, lines, style = c["themes"][labels["theme"]], c["topics"][labels["topic"]], c["styles"][labels["style"]], STYLES[labels["style"]]
+    th, tp, lines, style = (
+        c["themes"][labels["theme"]],
+        c["topics"][labels["topic"]],
+        c["styles"][labels["style"]],
+        STYLES[labels["style"]],
+    )
     n = labels["num_paragraphs"]
     events, flavor = rng.sample(tp["events"], len(tp["events"])), rng.sample(lines["flavor"], len(lines["flavor"]))
     questions = rng.sample(QUESTIONS, len(QUESTIONS))
@@ -311,7 +423,9 @@ def plan(labels: dict, rng: random.Random) -> list[list[str]]:
     else:
         paras = [opening, th["want"], th["obstacle"] + [events.pop()], th["turn"], ending]
         if n < 5:
-            paras = [paras[0] + paras[1], *paras[2:]] if n == 4 else [paras[0] + paras[1], paras[2] + paras[3], paras[4]]
+            paras = (
+                [paras[0] + paras[1], *paras[2:]] if n == 4 else [paras[0] + paras[1], paras[2] + paras[3], paras[4]]
+            )
         for _ in range(n - 5):  # middle paragraphs: the world of the topic
             paras.insert(-2, [pool.pop() for pool in (events, flavor) if pool])
     paras = [list(p) for p in paras]
@@ -352,9 +466,21 @@ def cast(labels: dict, rng: random.Random) -> dict[str, str]:
         friend, _ = _name(rng)
     he, him, his = PRONOUNS[pronoun]
     thing, creature = rng.choice(tp["things"]), rng.choice(tp["creatures"])
-    return {"hero": hero, "he": he, "him": him, "his": his, "He": he.capitalize(), "His": his.capitalize(),
-            "friend": friend, "place": rng.choice(tp["places"]), "thing": "the " + thing, "a_thing": _article(thing),
-            "creature": "the " + creature, "a_creature": _article(creature), "chant": chant(rng)}
+    return {
+        "hero": hero,
+        "he": he,
+        "him": him,
+        "his": his,
+        "He": he.capitalize(),
+        "His": his.capitalize(),
+        "friend": friend,
+        "place": rng.choice(tp["places"]),
+        "thing": "the " + thing,
+        "a_thing": _article(thing),
+        "creature": "the " + creature,
+        "a_creature": _article(creature),
+        "chant": chant(rng),
+    }
 
 
 def realise(paras: list[list[str]], labels: dict, rng: random.Random) -> str:
@@ -367,8 +493,14 @@ def realise(paras: list[list[str]], labels: dict, rng: random.Random) -> str:
             s = template.format(**slots)
             if style.exclaim and s[-1] == "." and '"' not in s and rng.random() < style.exclaim:
                 s = s[:-1] + "!"
-            if (sentences and style.join and sentences[-1][-1] == "." and s.split(" ", 1)[0] in JOINABLE
-                    and '"' not in s and rng.random() < style.join):
+            if (
+                sentences
+                and style.join
+                and sentences[-1][-1] == "."
+                and s.split(" ", 1)[0] in JOINABLE
+                and '"' not in s
+                and rng.random() < style.join
+            ):
                 sentences[-1] = f"{sentences[-1][:-1]}, and {s[0].lower()}{s[1:]}"
             else:
                 sentences.append(s)
@@ -377,16 +509,20 @@ def realise(paras: list[list[str]], labels: dict, rng: random.Random) -> str:
 
 
 _PUNCTUATION_TO_SPACE = str.maketrans({c: " " for c in string.punctuation if c != "'"})
-_NOT_PUNCTUATION = str.maketrans({c: None for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789' \n"})
+_NOT_PUNCTUATION = str.maketrans(
+    {c: None for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789' \n"}
+)
 _VOWELS = re.compile(r"[aeiouy]+")
 
 
 def syllables(word: str) -> int:
     """Vowel groups, less a silent final -e, -ed or -es: the usual readability heuristic."""
     word = word.lower()
-    silent = ((word.endswith("e") and not word.endswith(("le", "ee")))
-              or (word.endswith("ed") and not word.endswith(("ted", "ded")))
-              or (word.endswith("es") and not word.endswith(("ses", "xes", "zes", "ces", "ges", "shes", "ches"))))
+    silent = (
+        (word.endswith("e") and not word.endswith(("le", "ee")))
+        or (word.endswith("ed") and not word.endswith(("ted", "ded")))
+        or (word.endswith("es") and not word.endswith(("ses", "xes", "zes", "ces", "ges", "shes", "ches")))
+    )
     return max(1, len(_VOWELS.findall(word)) - (silent and len(word) > 3))
 
 
@@ -416,12 +552,16 @@ def metrics(text: str) -> dict:
     n_syllables, n_difficult = sum(map(_SYLLABLES.__getitem__, words)), sum(map(_DIFFICULT.__getitem__, words))
     per_sentence, per_word, difficult = n_words / n_sentences, n_syllables / n_words, 100 * n_difficult / n_words
     return {
-        "word_count": len(words) + len(text.translate(_NOT_PUNCTUATION)), "character_count": len(text),
+        "word_count": len(words) + len(text.translate(_NOT_PUNCTUATION)),
+        "character_count": len(text),
         "num_paragraphs": text.count("\n\n") + 1,
-        "avg_word_length": round(sum(map(len, words)) / n_words, 2), "avg_sentence_length": round(per_sentence, 2),
+        "avg_word_length": round(sum(map(len, words)) / n_words, 2),
+        "avg_sentence_length": round(per_sentence, 2),
         "flesch_reading_ease": round(206.835 - 1.015 * per_sentence - 84.6 * per_word, 2),
         "flesch_kincaid_grade": round(0.39 * per_sentence + 11.8 * per_word - 15.59, 2),
-        "dale_chall_readability_score": round(0.1579 * difficult + 0.0496 * per_sentence + (3.6365 if difficult > 5 else 0), 2),
+        "dale_chall_readability_score": round(
+            0.1579 * difficult + 0.0496 * per_sentence + (3.6365 if difficult > 5 else 0), 2
+        ),
     }
 
 
@@ -443,15 +583,38 @@ def story(seed: int, index: int) -> dict:
     labels = sample_labels(rng)
     text = realise(plan(labels, rng), labels, rng)
     row = {"story": text, **{k: labels[k] for k in LABEL_COLUMNS}, **metrics(text)}
-    row |= {"num_stories_in_completion": 1, "expected_num_stories_in_completion": 1,
-            "generation_id": f"synth-{seed}-{index}", "model": MODEL}
+    row |= {
+        "num_stories_in_completion": 1,
+        "expected_num_stories_in_completion": 1,
+        "generation_id": f"synth-{seed}-{index}",
+        "model": MODEL,
+    }
     return row
 
 
-COLUMNS = ["story", "topic", "theme", "style", "feature", "grammar", "persona", "initial_word_type", "initial_letter",
-           "word_count", "character_count", "num_paragraphs", "avg_word_length", "avg_sentence_length",
-           "flesch_reading_ease", "flesch_kincaid_grade", "dale_chall_readability_score", "num_stories_in_completion",
-           "expected_num_stories_in_completion", "generation_id", "model"]
+COLUMNS = [
+    "story",
+    "topic",
+    "theme",
+    "style",
+    "feature",
+    "grammar",
+    "persona",
+    "initial_word_type",
+    "initial_letter",
+    "word_count",
+    "character_count",
+    "num_paragraphs",
+    "avg_word_length",
+    "avg_sentence_length",
+    "flesch_reading_ease",
+    "flesch_kincaid_grade",
+    "dale_chall_readability_score",
+    "num_stories_in_completion",
+    "expected_num_stories_in_completion",
+    "generation_id",
+    "model",
+]
 
 
 def generate(n: int, seed: int = 0, start: int = 0) -> list[dict]:
@@ -494,6 +657,18 @@ def version() -> str:
 
 
 def schema() -> pa.Schema:
-    ints = {"word_count", "character_count", "num_paragraphs", "num_stories_in_completion", "expected_num_stories_in_completion"}
-    floats = {"avg_word_length", "avg_sentence_length", "flesch_reading_ease", "flesch_kincaid_grade", "dale_chall_readability_score"}
+    ints = {
+        "word_count",
+        "character_count",
+        "num_paragraphs",
+        "num_stories_in_completion",
+        "expected_num_stories_in_completion",
+    }
+    floats = {
+        "avg_word_length",
+        "avg_sentence_length",
+        "flesch_reading_ease",
+        "flesch_kincaid_grade",
+        "dale_chall_readability_score",
+    }
     return pa.schema([(c, pa.int64() if c in ints else pa.float64() if c in floats else pa.string()) for c in COLUMNS])
