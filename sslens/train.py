@@ -1,6 +1,8 @@
 """`sslens train`: the training loop, leaving behind many checkpoints for studying training dynamics.
 
-One visible loop: data, forward, backward, clip, step, log, checkpoint. Resume is exact: weights, optimizer, data
+`train` is the loop, whole on one screen: batch, forward and loss, backward, clip, step, record. What a run has
+is set up once (`set_up` returns a `Run`); what each step leaves behind (metrics, validation, samples, checkpoints,
+the progress display) is the `Recorder`'s, a method per event. Resume is exact: weights, optimizer, data
 position and RNG come back from the newest complete checkpoint, and metrics.jsonl loses the lines after it.
 
 A step whose loss or gradient norm is not finite is skipped on the device (its update never touches the weights)
@@ -25,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
@@ -46,6 +47,7 @@ from .checkpoint import (
 )
 from .config import ModelConfig, TrainConfig
 from .data import Batches, Split, tokenize, train_val
+from .distributed import barrier, distributed, leave, mean_over_ranks, on_rank0
 from .errors import Interrupted, SSLensError
 from .fileio import atomic_write_text, writing
 from .flops import flops_per_token, peak_flops
@@ -53,7 +55,9 @@ from .model import HookedLlama
 from .runlock import RunLock
 from .tokenizer import encode, load_tokenizer, save_tokenizer, train_tokenizer
 
-SAMPLE_PROMPT = "Once upon a time"
+SAMPLE_PROMPT = "Once upon a time"  # validation samples continue it: a story opening every corpus knows
+VAL_SAMPLE_TOKENS = 48  # about two sentences: enough to read whether the model writes sentences yet
+VAL_SAMPLE_TEMPERATURE, VAL_SAMPLE_TOP_K = 0.8, 40  # mildly sharpened sampling, as sample stories are usually shown
 LAGGED_DEVICES = ("cuda",)  # where a step's loss and gradient norm are read during the next step (see `train`)
 
 
@@ -198,7 +202,7 @@ def open_run(cfg: TrainConfig, model_cfg: ModelConfig, world: int) -> tuple[Path
         held.append(lock)
         return run_dir, created
 
-    run_dir, created = _on_rank0(world, prepare)
+    run_dir, created = on_rank0(world, prepare)
     return run_dir, created, (held[0] if held else None)
 
 
@@ -268,37 +272,81 @@ def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> N
         )
 
 
-def _on_rank0(world: int, fn):
-    """fn()'s result on rank 0, shared with every rank; if rank 0 refuses (SSLensError), every rank raises it
-    instead of waiting for it at a barrier."""
-    result, error = None, None
-    if world == 1 or dist.get_rank() == 0:
-        try:
-            result = fn()
-        except SSLensError as e:
-            error = str(e)
-    if world > 1:
-        shared = [result, error]
-        dist.broadcast_object_list(shared, src=0)
-        result, error = shared
-    if error is not None:
-        raise SSLensError(error)
-    return result
-
-
-def distributed() -> tuple[int, int]:
-    """(rank, world size). Under torchrun, joins the process group: gloo on CPU, nccl on GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
 def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -> Path:
     """Train, checkpointing on the schedule, and return the run directory. Under torchrun every rank takes its
     slice of each global batch (batch_size per rank); rank 0 alone writes the tokenizer, checkpoints and logs, and
     holds the run directory's lock. SIGINT or SIGTERM stops after the current step with a checkpoint of it
     (`StopRequest`), raising `Interrupted`."""
+    with opened(model_cfg, cfg, device) as (run, stop), Recorder(run, stop) as record:
+        forward = training_forward(run)
+        while run.step < cfg.max_steps:
+            began = Mark(run.device)
+            lr = lr_at(run.step, cfg)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss = torch.zeros((), device=run.device)
+            for x, y in run.micro_batches():
+                with torch.autocast(run.device.type, dtype=run.amp, enabled=run.amp is not None):
+                    micro_loss = forward(x, y) / run.accum
+                micro_loss.backward()
+                loss += micro_loss.detach()
+            record.previous_step()  # read while this step's work runs (on a GPU)
+            loss, stop_flag = mean_over_ranks(loss, run.world, stop.flag)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
+            skip_if_not_finite(run.optimizer, loss, grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            stopping = stop.stops_after_this_step(run.world)
+            record.step(PendingStep(run.step, lr, loss, grad_norm, began, Mark(run.device), stop_flag), stopping)
+            if stopping:
+                raise stop.interrupted(run.step)
+        record.finish()
+    return run.run_dir
+
+
+@dataclass
+class Run:
+    """What a run has once it is set up: where it runs, its directory, model, data, optimizer and step."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    model: HookedLlama
+    batches: Batches  # global batches; `rows` is this rank's part of each
+    rows: slice
+    val: Batches
+    optimizer: torch.optim.Optimizer
+    schedule: set[int]  # the checkpoint steps
+    step: int
+    accum: int  # micro-batches per step (gradient accumulation)
+    amp: torch.dtype | None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.accum * self.cfg.batch_size * self.model_cfg.n_ctx * self.world
+
+    def micro_batches(self) -> Iterator[tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]]:
+        """This rank's inputs and next-token targets for each micro-batch of the next step."""
+        for _ in range(self.accum):
+            windows = to_device(next(self.batches)[self.rows], self.device)
+            yield windows[:, :-1], windows[:, 1:]
+
+    def validates(self, step: int) -> bool:
+        return step % self.cfg.val_every == 0 or step == self.cfg.max_steps
+
+
+@contextlib.contextmanager
+def opened(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None) -> Iterator[tuple[Run, StopRequest]]:
+    """A set-up run and the signal handling around it: joins torchrun's process group (and leaves it), locks the
+    run directory (and releases it)."""
     rank, world = distributed()
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -306,120 +354,168 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, device: str | None = None) -
         with StopRequest() as stop:
             run_dir, created, lock = open_run(cfg, model_cfg, world)
             try:
-                return run_training(model_cfg, cfg, torch.device(device), rank, world, run_dir, created, stop)
+                run = set_up(model_cfg, cfg, torch.device(device), rank, world, run_dir, created)
+                stop.in_loop = True  # from here a signal stops training after a step, with a checkpoint
+                yield run, stop
             finally:
                 if lock is not None:
                     lock.release()
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        leave(world)
 
 
-def run_training(
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    device: torch.device,
-    rank: int,
-    world: int,
-    run_dir: Path,
-    created: bool,
-    stop: StopRequest,
-) -> Path:
-    """`train` in its locked run directory: set-up (refused before anything is written), then the loop."""
-    main = rank == 0
-    with removed_on_refusal(run_dir, created and main):
+def set_up(
+    model_cfg: ModelConfig, cfg: TrainConfig, device: torch.device, rank: int, world: int, run_dir: Path, created: bool
+) -> Run:
+    """Everything the loop needs, refused before anything is written (a directory this run created is removed)."""
+    with removed_on_refusal(run_dir, created and rank == 0):
         if cfg.resume:
-            saved = read_run_config(run_dir)
-            changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
-            if changed:
-                raise SSLensError(
-                    f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
-                    f"{getattr(model_cfg, changed[0])!r}; a run keeps its model"
-                )
-        tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
-        accum = max(1, cfg.total_batch_size // tokens_per_micro)
-        if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
-            raise SSLensError(
-                f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}"
-            )
+            check_same_model(run_dir, model_cfg)
+        accum = accumulation(cfg, model_cfg)
         torch.manual_seed(cfg.seed)
         model = HookedLlama(model_cfg)
         model.init_weights(cfg.seed)
         schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
-        _on_rank0(world, lambda: check_free_space(run_dir, model, len(schedule)))  # a refusal reaches every rank
+        on_rank0(world, lambda: check_free_space(run_dir, model, len(schedule)))  # a refusal reaches every rank
         split = train_val(cfg.data, seed=cfg.seed)
-        train_stories, val_stories = split.train, split.val
-
-        def write_tokenizer_and_config() -> None:
-            if cfg.resume:
-                tok = load_tokenizer(run_dir / "tokenizer.json")
-            elif cfg.tokenizer:
-                tok = load_tokenizer(cfg.tokenizer)
-            else:
-                tok = train_tokenizer((b["story"] for b in train_stories.iter(batch_size=1000)), model_cfg.d_vocab)
-            # refused before anything is written: a tokenizer larger than d_vocab, a context too short for the
-            # samples' prompt, another split than the one resumed, a token stream shorter than one window
-            model.tokenizer = tok
-            check_sample_prompt(tok, model_cfg, cfg)
-            record = check_split(run_dir, split, cfg)
-            for stories, what in (
-                (train_stories, "the training stories"),
-                (val_stories, f"the validation stories ({record['validation']})"),
-            ):
-                Batches(tokenize(stories, tok), model_cfg.n_ctx, 1, what=what)  # and the token cache, for every rank
-            save_tokenizer(tok, run_dir / "tokenizer.json")
-            write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
-            write_split(run_dir, record)
-
-        _on_rank0(world, write_tokenizer_and_config)
+        on_rank0(world, lambda: write_tokenizer_and_config(run_dir, split, model, cfg))
         model.tokenizer = tok = load_tokenizer(run_dir / "tokenizer.json")
-        batches = Batches(tokenize(train_stories, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
-        rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of each global batch
-        val = Batches(tokenize(val_stories, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
+        batches = Batches(tokenize(split.train, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
+        val = Batches(tokenize(split.val, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
         model.to(device).train()
         optimizer = adamw(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
         step = resume(run_dir, model, optimizer, batches) if cfg.resume else 0
-    stop.in_loop = True  # from here a signal stops training after a step, with a checkpoint
-    forward = TrainingLoss(model)
-    forward = torch.compile(forward) if use_compile(cfg, device) else forward
-    if world > 1:
-        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
+    rows = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)  # this rank's part of each global batch
     amp = autocast_dtype(cfg, device)
-    metrics_path = run_dir / "metrics.jsonl"
-    if main:
-        keep_metrics_until(metrics_path, step)
+    return Run(cfg, model_cfg, device, rank, world, run_dir, model, batches, rows, val, optimizer, schedule, step,
+               accum, amp)  # fmt: skip
 
-    def checkpoint() -> None:
-        if main:
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "data_position": batches.position,
-                "torch_rng": torch.get_rng_state(),
-            }
-            save_checkpoint(run_dir, step, model, state)
-        _barrier(world)
 
-    if step == 0 and 0 in schedule:
-        checkpoint()
-    wandb_run = start_wandb(run_dir, cfg, model_cfg) if cfg.wandb_project and main else None
-    step_flops = flops_per_token(model_cfg) * accum * tokens_per_micro * world
-    peak = peak_flops(str(device), amp or torch.float32) * world
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=run_dir.name, dynamic_ncols=True, disable=None if main else True)
-    lagged = device.type in LAGGED_DEVICES
-    pending: PendingStep | None = None
-    print_every = cfg.print_every or max(1, cfg.max_steps // 20)  # the plain lines that stand in for a hidden bar
-    started, first_step = time.perf_counter(), step
+def check_same_model(run_dir: Path, model_cfg: ModelConfig) -> None:
+    saved = read_run_config(run_dir)
+    changed = [k for k, v in model_cfg.to_dict().items() if saved.get(k) != v]
+    if changed:
+        raise SSLensError(
+            f"--resume: {changed[0]} is {saved.get(changed[0])!r} in {run_dir}/config.yaml, not "
+            f"{getattr(model_cfg, changed[0])!r}; a run keeps its model"
+        )
 
-    def validates(s: int) -> bool:
-        return s % cfg.val_every == 0 or s == cfg.max_steps
 
-    def settle(p: PendingStep) -> None:
-        """Read a step's loss and gradient norm (waiting for that step alone), stop if either is not finite, then
-        validate, log and checkpoint as scheduled."""
+def accumulation(cfg: TrainConfig, model_cfg: ModelConfig) -> int:
+    """Micro-batches per optimizer step: total_batch_size in tokens over one micro-batch's tokens (1 if unset)."""
+    tokens_per_micro = cfg.batch_size * model_cfg.n_ctx
+    accum = max(1, cfg.total_batch_size // tokens_per_micro)
+    if cfg.total_batch_size and cfg.total_batch_size != accum * tokens_per_micro:
+        raise SSLensError(
+            f"total_batch_size {cfg.total_batch_size} must be a multiple of batch_size x n_ctx = {tokens_per_micro}"
+        )
+    return accum
+
+
+def write_tokenizer_and_config(run_dir: Path, split: Split, model: HookedLlama, cfg: TrainConfig) -> None:
+    """The run's tokenizer (resumed, given, or trained on the training stories), config.yaml and split.json. First
+    refuses what would fail later: a tokenizer larger than d_vocab, a context too short for the samples' prompt,
+    another split than the one resumed, a token stream shorter than one window."""
+    model_cfg = model.cfg
+    if cfg.resume:
+        tok = load_tokenizer(run_dir / "tokenizer.json")
+    elif cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    else:
+        tok = train_tokenizer((b["story"] for b in split.train.iter(batch_size=1000)), model_cfg.d_vocab)
+    model.tokenizer = tok  # refuses one larger than d_vocab
+    check_sample_prompt(tok, model_cfg, cfg)
+    record = check_split(run_dir, split, cfg)
+    for stories, what in (
+        (split.train, "the training stories"),
+        (split.val, f"the validation stories ({record['validation']})"),
+    ):
+        Batches(tokenize(stories, tok), model_cfg.n_ctx, 1, what=what)  # and the token cache, for every rank
+    save_tokenizer(tok, run_dir / "tokenizer.json")
+    write_run_config(run_dir, model_cfg.to_dict() | cfg.to_dict() | {"resume": False})
+    write_split(run_dir, record)
+
+
+def training_forward(run: Run) -> nn.Module:
+    """The loss as the loop calls it: compiled where that pays, wrapped for DDP under torchrun."""
+    forward = TrainingLoss(run.model)
+    forward = torch.compile(forward) if use_compile(run.cfg, run.device) else forward
+    if run.world > 1:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        forward = DistributedDataParallel(forward, device_ids=device_ids)
+    return forward
+
+
+class Recorder:
+    """What each step leaves behind, one method per event: its numbers read from the device (on a GPU during the
+    next step), checked, validated, logged (metrics.jsonl, W&B, the progress bar or plain lines) and checkpointed."""
+
+    def __init__(self, run: Run, stop: StopRequest):
+        self.run, self.stop = run, stop
+        self.metrics = run.run_dir / "metrics.jsonl"
+        self.lagged = run.device.type in LAGGED_DEVICES
+        self.pending: PendingStep | None = None
+        self.step_flops = flops_per_token(run.model_cfg) * run.tokens_per_step
+        self.peak = peak_flops(str(run.device), run.amp or torch.float32) * run.world
+        self.print_every = run.cfg.print_every or max(1, run.cfg.max_steps // 20)  # lines that stand in for the bar
+        self.files = contextlib.ExitStack()
+
+    def __enter__(self) -> Recorder:
+        run = self.run
+        if run.main:
+            keep_metrics_until(self.metrics, run.step)
+        if run.step == 0 and 0 in run.schedule:
+            self.checkpoint(0)
+        self.wandb = start_wandb(run.run_dir, run.cfg, run.model_cfg) if run.cfg.wandb_project and run.main else None
+        self.files.enter_context(writing(self.metrics))  # a full disk when the log is closed names it too
+        self.log = self.files.enter_context(open(self.metrics, "a") if run.main else open(os.devnull, "w"))
+        self.bar = tqdm(total=run.cfg.max_steps, initial=run.step, desc=run.run_dir.name, dynamic_ncols=True,
+                        disable=None if run.main else True)  # fmt: skip
+        self.started, self.first_step = time.perf_counter(), run.step
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        return self.files.__exit__(*exc)
+
+    def previous_step(self) -> None:
+        """Settle the step left pending (lagged devices), now that the next one is queued."""
+        if self.pending is not None:
+            self.settle(self.pending)
+            self.pending = None
+
+    def step(self, p: PendingStep, stopping: bool) -> None:
+        """A step just taken: settled at once, or on a lagged device left pending unless it validates or
+        checkpoints (which must see this step's weights, nothing later). A stopping step is checkpointed."""
+        if stopping:
+            self.run.schedule.add(p.step)
+        if not self.lagged or self.run.validates(p.step) or p.step in self.run.schedule:
+            self.settle(p)
+        else:
+            self.pending = p
+
+    def settle(self, p: PendingStep) -> None:
+        """Read a step's numbers (waiting for that step alone), then validate, log and checkpoint as scheduled."""
+        record = self.read(p)
+        if self.run.validates(p.step):
+            record |= self.validate(p.step)
+        if p.stop is not None and p.stop.item() > 0:  # some rank was signalled: all stop after the step in progress
+            self.stop.agreed = True
+        if p.step % self.run.cfg.log_every == 0 or "val_loss" in record or p.step in self.run.schedule:
+            with writing(self.metrics):
+                self.log.write(json.dumps(record) + "\n")
+                self.log.flush()
+            if self.wandb is not None:
+                self.wandb.log(record, step=p.step)
+        if p.step in self.run.schedule:
+            self.checkpoint(p.step)
+        self.show(record)
+
+    def read(self, p: PendingStep) -> dict:
+        """The step's metrics record; a loss or gradient norm that is not finite stops training (the step's update
+        was skipped on the device, so the weights stay finite)."""
         loss, grad_norm = p.loss.item(), p.grad_norm.item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # its update was skipped: weights stay finite
-            kept = saved_steps(run_dir)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            kept = saved_steps(self.run.run_dir)
             raise SSLensError(
                 f"the loss is {loss} and the gradient norm {grad_norm} at step {p.step}; "
                 "training stopped. The newest good "
@@ -427,78 +523,56 @@ def run_training(
                 + ": lower --lr or check the data, then --resume"
             )
         seconds = p.began.seconds_to(p.ended)
-        record = {
+        return {
             "step": p.step,
-            "tokens": p.step * accum * tokens_per_micro * world,
+            "tokens": p.step * self.run.tokens_per_step,
             "loss": round(loss, 6),
             "lr": p.lr,
             "grad_norm": round(grad_norm, 6),
-            "tok_s": round(accum * tokens_per_micro * world / seconds),
-            "mfu": round(step_flops / seconds / peak, 4),
+            "tok_s": round(self.run.tokens_per_step / seconds),
+            "mfu": round(self.step_flops / seconds / self.peak, 4),
         }
-        if validates(p.step):
-            record["val_loss"] = round(validation_loss(model, val, cfg.val_batches, device, amp), 6)
-            if main and cfg.val_samples:  # seeded by the step: resume writes the same stories, global RNG untouched
-                record["samples"] = [
-                    SAMPLE_PROMPT + s.text
-                    for s in model.generate(
-                        SAMPLE_PROMPT, 48, temperature=0.8, top_k=40, seed=p.step, num_samples=cfg.val_samples
-                    )
-                ]
-        if p.stop is not None and p.stop.item() > 0:  # some rank was signalled: all stop after the step in progress
-            stop.agreed = True
-        if p.step % cfg.log_every == 0 or "val_loss" in record or p.step in schedule:
-            with writing(metrics_path):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-            if wandb_run is not None:
-                wandb_run.log(record, step=p.step)
-        if p.step in schedule:
-            checkpoint()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{p.lr:.2e}", tok_s=record["tok_s"], mfu=f"{record['mfu']:.1%}")
-        if main and bar.disable and (p.step % print_every == 0 or p.step == cfg.max_steps):
-            print(
-                progress_line(record, cfg.max_steps, p.step - first_step, time.perf_counter() - started),
-                file=sys.stderr,
-                flush=True,
-            )
 
-    with writing(metrics_path), open(metrics_path, "a") if main else open(os.devnull, "w") as log:
-        while step < cfg.max_steps:
-            began = Mark(device)
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                windows = to_device(next(batches)[rows], device)
-                x, y = windows[:, :-1], windows[:, 1:]
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = forward(x, y) / accum
-                loss.backward()
-                loss_sum += loss.detach()
-            if pending is not None:  # the previous step, read while this one runs
-                settle(pending)
-            loss_sum, stop_flag = _mean_over_ranks(loss_sum, world, stop)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            skip_if_not_finite(optimizer, loss_sum, grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pending = PendingStep(step, lr, loss_sum, grad_norm, began, Mark(device), stop_flag)
-            stopping = stop.stops_after_this_step(world)
-            if stopping:
-                schedule.add(step)
-            if not lagged or validates(step) or step in schedule:  # these see this step's weights, nothing later
-                settle(pending)
-                pending = None
-            if stopping:
-                raise stop.interrupted(step)
-    bar.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    return run_dir
+    def validate(self, step: int) -> dict:
+        """Held-out loss and, on rank 0, sample stories (seeded by the step: a resumed run writes the same ones,
+        and the global RNG is untouched)."""
+        run = self.run
+        result = {"val_loss": round(validation_loss(run.model, run.val, run.cfg.val_batches, run.device, run.amp), 6)}
+        if run.main and run.cfg.val_samples:
+            samples = run.model.generate(
+                SAMPLE_PROMPT, VAL_SAMPLE_TOKENS, temperature=VAL_SAMPLE_TEMPERATURE, top_k=VAL_SAMPLE_TOP_K,
+                seed=step, num_samples=run.cfg.val_samples,
+            )  # fmt: skip
+            result["samples"] = [SAMPLE_PROMPT + s.text for s in samples]
+        return result
+
+    def checkpoint(self, step: int) -> None:
+        run = self.run
+        if run.main:
+            state = {
+                "step": step,
+                "optimizer": run.optimizer.state_dict(),
+                "data_position": run.batches.position,
+                "torch_rng": torch.get_rng_state(),
+            }
+            save_checkpoint(run.run_dir, step, run.model, state)
+        barrier(run.world)
+
+    def show(self, record: dict) -> None:
+        """The progress bar, or where no terminal shows it, a plain line every `print_every` steps."""
+        self.bar.update(1)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=record["tok_s"], mfu=f"{record['mfu']:.1%}"
+        )
+        step, max_steps = record["step"], self.run.cfg.max_steps
+        if self.run.main and self.bar.disable and (step % self.print_every == 0 or step == max_steps):
+            seconds = time.perf_counter() - self.started
+            print(progress_line(record, max_steps, step - self.first_step, seconds), file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def progress_line(record: dict, max_steps: int, steps_done: int, seconds: float) -> str:
@@ -520,21 +594,6 @@ def to_device(t: Tensor, device: torch.device) -> Tensor:
     """A batch copied to the device without waiting for the GPU: a plain copy from pageable memory waits for all
     queued work, which would stall the GPU between steps however late the loop reads their numbers."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def _mean_over_ranks(value: Tensor, world: int, stop: StopRequest) -> tuple[Tensor, Tensor | None]:
-    """The value's mean over ranks and, in the same reduction, how many ranks were asked to stop (None for a lone
-    process, which reads its own request)."""
-    if world == 1:
-        return value, None
-    both = torch.stack([value, stop.flag(value.device)])
-    dist.all_reduce(both, op=dist.ReduceOp.SUM)
-    return both[0] / world, both[1]
 
 
 def start_wandb(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig):
