@@ -205,7 +205,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def interactive(model, settings: dict, generator) -> None:
-    """The seed's generate.py loop: read a prompt, stream its story, repeat. An empty line or Ctrl-D quits;
+    """Interactive generation: read a prompt, stream its story, repeat. An empty line or Ctrl-D quits;
     Ctrl-C stops the story being written (and quits at the prompt)."""
     from .generate import stream_text
 
@@ -290,8 +290,33 @@ def _no_extra(overrides: list[str]) -> None:
         raise SSLensError(f"unknown option {overrides[0]}")
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """Each option's help ends with its default, unless it has none or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (
+            any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or "default" in help
+            or not action.option_strings
+        ):
+            return help
+        return f"{help} (default: %(default)s)".lstrip()
+
+
+class TrainHelp(ShowDefaults, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the epilog (the table of config keys) printed as written."""
+
+
+class Parser(argparse.ArgumentParser):
+    """A parser whose help shows defaults; argparse builds subcommands' parsers of the same class."""
+
+    def __init__(self, *args, formatter_class: type = ShowDefaults, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sslens", description=__doc__)
+    p = Parser(prog="sslens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser(
         "model",
@@ -299,13 +324,13 @@ def parser() -> argparse.ArgumentParser:
         description="Extra --key=value arguments override config keys, e.g. --n_layers=2.",
     )
     m.add_argument("config", help=f"preset ({', '.join(preset_names())}) or YAML path")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seeds the initial weights")
     m.add_argument("--export", metavar="DIR", help="write an HF LlamaForCausalLM directory")
     m.set_defaults(run=cmd_model)
     tr = sub.add_parser(
         "train",
         help="train a model: sslens train CONFIG [--key=value ...]",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=TrainHelp,
         epilog=train_keys_help(),
         description="Train from a preset or YAML; every config key can be overridden as --key=value, "
         "e.g. sslens train 5M --data=synth --max_steps=200 --compile=False.",
@@ -323,18 +348,21 @@ def parser() -> argparse.ArgumentParser:
         "model", help="a run directory (newest checkpoint, or --step), a checkpoint directory, or an HF Llama directory"
     )
     g.add_argument("--prompt", help="continue this text, print and exit")
-    g.add_argument("--max_new_tokens", type=int, default=200)
+    g.add_argument("--max_new_tokens", type=int, default=200, help="tokens to add (cut to what fits in n_ctx)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top_k", type=int, help="sample among the k most likely tokens")
-    g.add_argument("--top_p", type=float, help="sample among the most likely tokens whose probability reaches p")
-    g.add_argument("--seed", type=int, help="the same seed gives the same stories")
+    g.add_argument("--top_k", type=int, help="sample among the k most likely tokens (default: all)")
+    g.add_argument(
+        "--top_p", type=float, help="sample among the most likely tokens whose probability reaches p (default: off)"
+    )
+    g.add_argument("--seed", type=int, help="the same seed gives the same stories (default: unseeded)")
     g.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
     g.add_argument("--num_samples", type=int, default=1, help="continuations of --prompt, sampled as one batch")
     g.add_argument("--json", action="store_true", help="print tokens, text and per-token log-probs as JSON")
     g.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the one-token step: ~10 s to compile once, then up to ~2.5x the tokens/s at batch 1",
+        help="torch.compile the one-token step: ~10 s to compile once, then on CPU at batch 1 a 5M step takes ~0.6 ms "
+        "instead of ~1.6 ms, 4.5-4.8x HF generate (BENCHMARKS.md)",
     )
     g.set_defaults(run=cmd_generate)
     pr = sub.add_parser(
@@ -361,14 +389,13 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", help="'all' (every checkpoint of a run) or steps like 0,64,1024 (default: the newest)")
     pr.add_argument("--max_stories", type=int, default=5000, help="a random sample of this many stories")
     pr.add_argument("--split", default="train", help="the data split to read")
-    pr.add_argument("--batch_size", type=int, default=32)
+    pr.add_argument("--batch_size", type=int, default=32, help="stories per forward pass")
     pr.add_argument("--seed", type=int, default=0, help="story sample, splits and control labels")
     pr.add_argument("--out", metavar="DIR", help="output directory (default: probes/MODEL-LABEL-POOL)")
     pr.set_defaults(run=cmd_probe)
     ev = sub.add_parser(
         "eval",
         help="the run card: validation loss, induction, name copying, theme probe, greedy text",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="What to check first about a model, on held-out stories: a run's own validation "
         "stories, otherwise the test split of --data. Name copying needs the embedded "
         "corpus (synth); the theme probe a theme column.",
@@ -401,10 +428,10 @@ def parser() -> argparse.ArgumentParser:
         help="model: every row below; train: the training rows of --preset alone; data: the corpus pipeline",
     )
     b.add_argument("--stories", type=int, default=100_000, help="data suite: corpus size")
-    b.add_argument("--preset", default="5M")
-    b.add_argument("--batch", type=int, default=8)
-    b.add_argument("--seq", type=int, default=512)
-    b.add_argument("--reps", type=int, default=7)
+    b.add_argument("--preset", default="5M", help="the model of the train suite")
+    b.add_argument("--batch", type=int, default=8, help="sequences per training and forward row")
+    b.add_argument("--seq", type=int, default=512, help="their length in tokens")
+    b.add_argument("--reps", type=int, default=7, help="repetitions per row (the ratio is their median)")
     b.add_argument(
         "--quick",
         action="store_true",
@@ -416,8 +443,8 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="the embedded story corpus").add_subparsers(dest="data_command", required=True)
     syn = d.add_parser("synth", help="generate labelled stories in the SimpleStories schema (21 columns) as parquet")
     syn.add_argument("--n", type=int, default=10_000, help="number of stories")
-    syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--out", required=True, metavar="FILE.parquet")
+    syn.add_argument("--seed", type=int, default=0, help="the same seed and n give the same stories")
+    syn.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write them")
     syn.set_defaults(run=cmd_data_synth)
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     tt = t.add_parser("train", help="train the SimpleStories WordPiece recipe on a story source")
@@ -427,8 +454,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="SRC",
         help="synth, synth:N, a hub dataset, or a .parquet/.jsonl/.json/.txt path",
     )
-    tt.add_argument("--vocab-size", type=int, default=4096)
-    tt.add_argument("--out", required=True, metavar="tokenizer.json")
+    tt.add_argument("--vocab_size", "--vocab-size", type=int, default=4096, help="tokens, specials included")
+    tt.add_argument("--out", required=True, metavar="tokenizer.json", help="where to write it")
     tt.set_defaults(run=cmd_tokenizer_train)
     return p
 

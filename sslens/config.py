@@ -161,7 +161,7 @@ class TrainConfig:
     wandb_project: str = _help("also log to this Weights & Biases project (key from WANDB_API_KEY or a .env file)", "")
 
     def __post_init__(self) -> None:
-        if isinstance(self.compile, bool):  # --compile=False, as the seed's users write it, or a bare --compile
+        if isinstance(self.compile, bool):  # --compile=False (YAML's and Python's spelling), or a bare --compile
             self.compile = str(self.compile).lower()
         _coerce_fields(self)
         if self.compile not in ("auto", "true", "false"):

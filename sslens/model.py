@@ -344,7 +344,7 @@ class HookedLlama(HookedRootModule):
         if tok is not None and tok.get_vocab_size() > self.cfg.d_vocab:
             size, d_vocab, fewest = tok.get_vocab_size(), self.cfg.d_vocab, alphabet_size(tok)
             other = (
-                f", or use a tokenizer of at most {d_vocab} tokens (sslens tokenizer train --vocab-size {d_vocab})"
+                f", or use a tokenizer of at most {d_vocab} tokens (sslens tokenizer train --vocab_size {d_vocab})"
                 if d_vocab >= fewest
                 else f" (its characters, alone and as ##continuations, take {fewest} tokens)"
             )

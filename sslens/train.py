@@ -58,6 +58,9 @@ from .tokenizer import encode, load_tokenizer, save_tokenizer, train_tokenizer
 SAMPLE_PROMPT = "Once upon a time"  # validation samples continue it: a story opening every corpus knows
 VAL_SAMPLE_TOKENS = 48  # about two sentences: enough to read whether the model writes sentences yet
 VAL_SAMPLE_TEMPERATURE, VAL_SAMPLE_TOP_K = 0.8, 40  # mildly sharpened sampling, as sample stories are usually shown
+COMPILE_AUTO_MIN_STEPS = 200  # --compile=auto: enough steps to repay compiling (see `use_compile`)
+CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weights and AdamW's two fp32 moments
+RUN_FILES_ROOM = 64 << 20  # metrics, tokenizer, token caches' growth and a checkpoint being written
 LAGGED_DEVICES = ("cuda",)  # where a step's loss and gradient norm are read during the next step (see `train`)
 
 
@@ -163,7 +166,7 @@ def use_compile(cfg: TrainConfig, device: torch.device) -> bool:
     2 cores) is repaid after about 150 steps at batch 8 x 512 (steps 1.18x faster)."""
     if cfg.compile != "auto":
         return cfg.compile == "true"
-    return cfg.max_steps >= 200 and (device.type == "cuda" or shutil.which("g++") is not None)
+    return cfg.max_steps >= COMPILE_AUTO_MIN_STEPS and (device.type == "cuda" or shutil.which("g++") is not None)
 
 
 def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Path, bool, RunLock]:
@@ -262,7 +265,7 @@ class StopRequest:
 def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> None:
     """Refuse to start a run whose checkpoints cannot fit: each holds fp32 weights and AdamW's two moments."""
     n_params = sum(p.numel() for p in model.parameters())
-    need = n_checkpoints * 12 * n_params + (64 << 20)  # + room for metrics, tokenizer and a checkpoint being written
+    need = n_checkpoints * CHECKPOINT_BYTES_PER_PARAMETER * n_params + RUN_FILES_ROOM
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise SSLensError(

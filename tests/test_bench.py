@@ -1,4 +1,7 @@
+import fnmatch
+import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -146,3 +149,28 @@ def test_cli_train_suite_runs_the_training_rows_alone(tmp_path):
         check=True,
     )
     assert set(json.loads(out.read_text())) == {"train_fp32_vs_hf_1.25M"} and "train_fp32_vs_hf_1.25M" in r.stdout
+
+
+def test_benchmarks_md_states_the_goals_bench_checks():
+    """Each line of BENCHMARKS.md's table of rows states exactly the goals bench.GOALS sets for its rows."""
+    from pathlib import Path
+
+    from sslens.bench import GOALS, goal_of
+
+    text = (Path(__file__).resolve().parent.parent / "BENCHMARKS.md").read_text()
+    lines = text.split("## Rows")[1].split("\n\n")[1].splitlines()[2:]
+    covered = set()
+    for line in lines:
+        names_cell, goal_cell = line.split("|")[1], line.split("|")[-2]
+        rows = [row for name in re.findall(r"`([^`]+)`", names_cell) for row in expand(name)]
+        stated = {float(x) for x in re.findall(r"([\d.]+) ?(?:x|ms)", goal_cell)}
+        assert stated == {goal_of(row) for row in rows} - {None}, (rows, goal_cell)
+        covered |= {pattern for pattern in GOALS for row in rows if fnmatch.fnmatchcase(row, pattern)}
+    assert covered == set(GOALS)
+
+
+def expand(name: str) -> list[str]:
+    """The rows a table name stands for: `generate_b{1,8}[_compiled]_vs_hf` is four rows."""
+    parts = re.split(r"(\{[^}]*\}|\[[^\]]*\])", name.replace("{preset}", "5M"))
+    options = [p[1:-1].split(",") if p.startswith("{") else ["", p[1:-1]] if p.startswith("[") else [p] for p in parts]
+    return ["".join(choice) for choice in itertools.product(*options)]

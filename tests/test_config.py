@@ -122,7 +122,7 @@ def test_a_number_given_for_text_is_its_text():
         load_train_config("1.25M", out_dir=True)
 
 
-def test_compile_takes_the_seeds_spelling_and_auto():
+def test_compile_takes_booleans_and_auto():
     from sslens.config import load_train_config
 
     assert load_train_config("5M")[1].compile == "auto"

@@ -290,7 +290,7 @@ def test_a_tokenizer_too_large_names_only_vocabularies_that_can_work():
     with pytest.raises(
         SSLensError,
         match="raise d_vocab to at least 9, or use a tokenizer of at most 8 tokens "
-        r"\(sslens tokenizer train --vocab-size 8\)",
+        r"\(sslens tokenizer train --vocab_size 8\)",
     ):
         HookedLlama.from_preset("1.25M", d_vocab=8).tokenizer = tok
 
