@@ -93,10 +93,8 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
             state = io.BytesIO()
             torch.save(trainer_state, state)
             _write_synced(tmp / "trainer.pt", state.getbuffer())
-    except BaseException:
-        shutil.rmtree(
-            tmp, ignore_errors=True
-        )  # a full disk gets its room back; a kill would leave it to the next start
+    except BaseException:  # a full disk gets its room back; a kill would leave it to the next start
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():  # re-saving a step (a resumed run passing it again): set the old copy aside, then delete it
         old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
@@ -106,6 +104,18 @@ def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state:
     else:
         os.rename(tmp, final)
     return final
+
+
+def drop_old_trainer_states(run_dir: Path, keep: int) -> None:
+    """Delete trainer.pt (AdamW's moments: twice the weights' size) from all but the newest `keep` checkpoints that
+    have one. Their weights stay: analyses of training dynamics read those; only --resume needs the rest."""
+    for step in resumable_steps(run_dir)[:-keep]:
+        (checkpoint_dir(run_dir, step) / "trainer.pt").unlink(missing_ok=True)
+
+
+def resumable_steps(run_dir: str | Path) -> list[int]:
+    """The saved steps whose checkpoint still holds its trainer state, oldest first."""
+    return [s for s in saved_steps(run_dir) if (checkpoint_dir(run_dir, s) / "trainer.pt").is_file()]
 
 
 def write_run_config(run_dir: Path, values: dict) -> None:

@@ -157,6 +157,11 @@ class TrainConfig:
         "log (0, powers of two to 1024, then every checkpoint_every), linear, or a list like 0,50,100", "log"
     )
     checkpoint_every: int = _help("checkpoint spacing after 1024 (log) or throughout (linear)", 1000)
+    keep_trainer_states: int = _help(
+        "the newest this many checkpoints (the final one among them) keep the optimizer state that --resume needs; "
+        "older ones keep their weights alone, which is what analyses read",
+        2,
+    )
     resume: bool = _help("continue the run in out_dir from its newest complete checkpoint", False)
     wandb_project: str = _help("also log to this Weights & Biases project (key from WANDB_API_KEY or a .env file)", "")
 
@@ -166,7 +171,15 @@ class TrainConfig:
         _coerce_fields(self)
         if self.compile not in ("auto", "true", "false"):
             raise ConfigError(f"compile must be auto, true or false, got {self.compile!r}")
-        for name in ("max_steps", "batch_size", "val_every", "val_batches", "log_every", "checkpoint_every"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "val_every",
+            "val_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_trainer_states",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         for name in (

@@ -13,6 +13,7 @@ waits for Python between steps; validation and checkpoints still see exactly the
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -35,11 +36,13 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     checkpoint_steps,
+    drop_old_trainer_states,
     load_run_model,
     load_trainer_state,
     read_metrics,
     read_run_config,
     read_split,
+    resumable_steps,
     save_checkpoint,
     saved_steps,
     write_run_config,
@@ -59,7 +62,7 @@ SAMPLE_PROMPT = "Once upon a time"  # validation samples continue it: a story op
 VAL_SAMPLE_TOKENS = 48  # about two sentences: enough to read whether the model writes sentences yet
 VAL_SAMPLE_TEMPERATURE, VAL_SAMPLE_TOP_K = 0.8, 40  # mildly sharpened sampling, as sample stories are usually shown
 COMPILE_AUTO_MIN_STEPS = 200  # --compile=auto: enough steps to repay compiling (see `use_compile`)
-CHECKPOINT_BYTES_PER_PARAMETER = 12  # fp32 weights and AdamW's two fp32 moments
+WEIGHT_BYTES, TRAINER_STATE_BYTES = 4, 8  # per parameter: fp32 weights; AdamW's two fp32 moments
 RUN_FILES_ROOM = 64 << 20  # metrics, tokenizer, token caches' growth and a checkpoint being written
 LAGGED_DEVICES = ("cuda",)  # where a step's loss and gradient norm are read during the next step (see `train`)
 
@@ -184,8 +187,9 @@ def prepare_run_dir(cfg: TrainConfig, model_cfg: ModelConfig) -> tuple[Path, boo
     try:
         if saved_steps(run_dir) and not cfg.resume:
             raise SSLensError(f"{run_dir} already holds a run; continue it with --resume or choose another --out_dir")
-        if cfg.resume and not saved_steps(run_dir):
-            raise SSLensError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+        if cfg.resume and not resumable_steps(run_dir):
+            kept = " with a trainer state (trainer.pt)" if saved_steps(run_dir) else ""
+            raise SSLensError(f"--resume: {run_dir} has no complete checkpoint{kept} to resume from")
     except SSLensError:
         lock.release()
         if created:
@@ -262,10 +266,12 @@ class StopRequest:
         )
 
 
-def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int) -> None:
-    """Refuse to start a run whose checkpoints cannot fit: each holds fp32 weights and AdamW's two moments."""
+def check_free_space(run_dir: Path, model: HookedLlama, n_checkpoints: int, keep_trainer_states: int) -> None:
+    """Refuse to start a run whose checkpoints cannot fit: each holds fp32 weights, and the newest
+    `keep_trainer_states` also AdamW's two moments (one more while a new checkpoint is written)."""
     n_params = sum(p.numel() for p in model.parameters())
-    need = n_checkpoints * CHECKPOINT_BYTES_PER_PARAMETER * n_params + RUN_FILES_ROOM
+    states = min(n_checkpoints, keep_trainer_states + 1)
+    need = (n_checkpoints * WEIGHT_BYTES + states * TRAINER_STATE_BYTES) * n_params + RUN_FILES_ROOM
     free = shutil.disk_usage(run_dir).free
     if free < need:
         raise SSLensError(
@@ -379,7 +385,8 @@ def set_up(
         model = HookedLlama(model_cfg)
         model.init_weights(cfg.seed)
         schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
-        on_rank0(world, lambda: check_free_space(run_dir, model, len(schedule)))  # a refusal reaches every rank
+        room = functools.partial(check_free_space, run_dir, model, len(schedule), cfg.keep_trainer_states)
+        on_rank0(world, room)  # a refusal reaches every rank
         split = train_val(cfg.data, seed=cfg.seed)
         on_rank0(world, lambda: write_tokenizer_and_config(run_dir, split, model, cfg))
         model.tokenizer = tok = load_tokenizer(run_dir / "tokenizer.json")
@@ -559,6 +566,7 @@ class Recorder:
                 "torch_rng": torch.get_rng_state(),
             }
             save_checkpoint(run.run_dir, step, run.model, state)
+            drop_old_trainer_states(run.run_dir, run.cfg.keep_trainer_states)
         barrier(run.world)
 
     def show(self, record: dict) -> None:
@@ -642,7 +650,7 @@ def validation_loss(
 def resume(run_dir: Path, model: HookedLlama, optimizer: torch.optim.Optimizer, batches: Batches) -> int:
     """Restore the newest checkpoint that reads back; returns its step. A newer one that does not (truncated or
     corrupted after it was written) is skipped with a warning, and rewritten when training passes its step again."""
-    for step in reversed(saved_steps(run_dir)):
+    for step in reversed(resumable_steps(run_dir)):  # older checkpoints keep their weights alone
         try:
             weights, state = load_run_model(run_dir, step).state_dict(), load_trainer_state(run_dir, step)
         except SSLensError as e:

@@ -475,3 +475,33 @@ def test_a_run_without_a_terminal_prints_plain_progress_and_a_summary(tmp_path):
         f"checkpoints in {out / 'checkpoints'}"
     )
     assert re.fullmatch(rf"finished 12 steps in \d+m\d\ds, {re.escape(summary)}", r.stdout.splitlines()[-1]), r.stdout
+
+
+def test_only_the_newest_checkpoints_keep_the_optimizer_state_and_resume_is_still_exact(tmp_path):
+    """Weights in every checkpoint, trainer.pt (twice their size) in the newest keep_trainer_states only: older
+    checkpoints load for analysis, and a run resumed from the newest ends bitwise where an uninterrupted one does."""
+    from sslens.checkpoint import checkpoint_dir, resumable_steps, saved_steps
+
+    write_tokenizer(tmp_path)
+    tok = f"--tokenizer={tmp_path / 'tok.json'}"
+    every = ["--checkpoint_schedule=linear", "--checkpoint_every=2"]
+    reference = train(*tiny(tmp_path, "--max_steps=12", *every, tok, name="reference"))
+    assert saved_steps(reference) == list(range(0, 13, 2)) and resumable_steps(reference) == [10, 12]
+    weights = {s: (checkpoint_dir(reference, s) / "model.safetensors").stat().st_size for s in saved_steps(reference)}
+    state = (checkpoint_dir(reference, 12) / "trainer.pt").stat().st_size
+    assert 1.9 * weights[12] < state < 2.2 * weights[12]  # AdamW's two moments: what the dropped files saved
+    assert not torch.equal(load_model(reference, 4).W_E, load_model(reference, 6).W_E)  # old steps still load
+    run = train(*tiny(tmp_path, "--max_steps=12", *every, "--keep_trainer_states=3", tok))
+    assert resumable_steps(run) == [8, 10, 12]
+    for step in (10, 12):  # as if killed after step 8's checkpoint
+        shutil.rmtree(checkpoint_dir(run, step))
+    train(*tiny(tmp_path, "--max_steps=12", *every, "--keep_trainer_states=3", tok, "--resume"))
+    assert resumable_steps(run) == [8, 10, 12]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(load_model(run).state_dict().values(), load_model(reference).state_dict().values())
+    )
+    for step in (8, 10, 12):
+        (checkpoint_dir(run, step) / "trainer.pt").unlink()
+    with pytest.raises(SSLensError, match="no complete checkpoint with a trainer state"):
+        train(*tiny(tmp_path, "--max_steps=14", *every, tok, "--resume"))
