@@ -228,10 +228,14 @@ def interactive(model, settings: dict, generator) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from .config import load_train_config
-    from .train import train
+    from .config import ModelConfig, load_train_config, settable_fields
+    from .train import fine_tuning_config, train
 
-    model_cfg, cfg = load_train_config(args.config, **parse_overrides(overrides))
+    values = parse_overrides(overrides)
+    model_cfg, cfg = load_train_config(args.config, **values)
+    if cfg.init_from:  # the source's shape, with the model keys given on the command line
+        model_keys = {f.name for f in settable_fields(ModelConfig)}
+        model_cfg = fine_tuning_config(cfg, **{k: v for k, v in values.items() if k in model_keys})
     start = time.perf_counter()
     run_dir = train(model_cfg, cfg)
     print(run_summary(run_dir, cfg.max_steps, time.perf_counter() - start))

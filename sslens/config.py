@@ -120,6 +120,12 @@ class TrainConfig:
         "SimpleStories/SimpleStories",
     )
     tokenizer: str = _help("a tokenizer.json; empty: train the SimpleStories recipe on the data", "")
+    init_from: str = _help(
+        "fine-tune: start from this model's weights (an sslens run, a checkpoint directory, an HF Llama directory "
+        "or a hub name) with a fresh optimizer; the run takes its shape (n_ctx may shrink) and tokenizer",
+        "",
+    )
+    init_step: int = _help("with init_from a run: the checkpoint to start from; -1: its newest", -1)
     out_dir: str = _help("the run directory; empty: runs/<model_name>", "")
     seed: int = _help("seeds initialisation, data order and everything else", 0)
     max_steps: int = _help("optimizer steps", 2000)
@@ -196,6 +202,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.init_from and self.resume:
+            raise ConfigError("init_from starts a new run and resume continues one; to continue a fine-tuning run, "
+                              "drop --init_from")  # fmt: skip
+        if self.init_from and self.tokenizer:
+            raise ConfigError("a fine-tuned run keeps its source's tokenizer; drop --tokenizer")
+        if self.init_step < -1:
+            raise ConfigError(f"init_step must be a step or -1 (the newest), got {self.init_step}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ConfigError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
 

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import tokenizers
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -37,6 +38,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     checkpoint_steps,
     drop_old_trainer_states,
+    load_model,
     load_run_model,
     load_trainer_state,
     read_metrics,
@@ -382,13 +384,12 @@ def set_up(
             check_same_model(run_dir, model_cfg)
         accum = accumulation(cfg, model_cfg)
         torch.manual_seed(cfg.seed)
-        model = HookedLlama(model_cfg)
-        model.init_weights(cfg.seed)
+        model, source_tokenizer = initial_model(model_cfg, cfg)
         schedule = checkpoint_steps(cfg.checkpoint_schedule, cfg.max_steps, cfg.checkpoint_every)
         room = functools.partial(check_free_space, run_dir, model, len(schedule), cfg.keep_trainer_states)
         on_rank0(world, room)  # a refusal reaches every rank
         split = train_val(cfg.data, seed=cfg.seed)
-        on_rank0(world, lambda: write_tokenizer_and_config(run_dir, split, model, cfg))
+        on_rank0(world, lambda: write_tokenizer_and_config(run_dir, split, model, cfg, source_tokenizer))
         model.tokenizer = tok = load_tokenizer(run_dir / "tokenizer.json")
         batches = Batches(tokenize(split.train, tok), model_cfg.n_ctx, cfg.batch_size * world, cfg.seed)
         val = Batches(tokenize(split.val, tok), model_cfg.n_ctx, cfg.batch_size, cfg.seed)
@@ -422,13 +423,53 @@ def accumulation(cfg: TrainConfig, model_cfg: ModelConfig) -> int:
     return accum
 
 
-def write_tokenizer_and_config(run_dir: Path, split: Split, model: HookedLlama, cfg: TrainConfig) -> None:
-    """The run's tokenizer (resumed, given, or trained on the training stories), config.yaml and split.json. First
+def initial_model(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[HookedLlama, tokenizers.Tokenizer | None]:
+    """The model at step 0, freshly initialised, or a copy of `cfg.init_from`'s weights (its tokenizer with it)."""
+    model = HookedLlama(model_cfg)
+    if not cfg.init_from:
+        model.init_weights(cfg.seed)
+        return model, None
+    source = fine_tuning_source(cfg)
+    ours, theirs = model_cfg.to_dict(), source.cfg.to_dict()
+    for key in ours.keys() - {"model_name", "initializer_range", "n_ctx"}:
+        if ours[key] != theirs[key]:
+            raise SSLensError(
+                f"--init_from: {key} is {theirs[key]!r} in {cfg.init_from}, not {ours[key]!r}; a fine-tuned model keeps "
+                "its source's shape (only n_ctx may shrink)"
+            )
+    if model_cfg.n_ctx > source.cfg.n_ctx:
+        raise SSLensError(f"--init_from: n_ctx {model_cfg.n_ctx} exceeds {cfg.init_from}'s {source.cfg.n_ctx}")
+    model.load_state_dict(source.state_dict())
+    return model, source.tokenizer
+
+
+def fine_tuning_source(cfg: TrainConfig) -> HookedLlama:
+    source = load_model(cfg.init_from, None if cfg.init_step == -1 else cfg.init_step)
+    if source.tokenizer is None:
+        raise SSLensError(
+            f"--init_from: {cfg.init_from} has no tokenizer.json, and a fine-tuned run keeps its source's"
+        )
+    return source
+
+
+def fine_tuning_config(cfg: TrainConfig, **overrides) -> ModelConfig:
+    """The model config of a run that fine-tunes `cfg.init_from`: the source's, with `overrides` of its keys
+    (`initial_model` refuses those that would change its shape)."""
+    return ModelConfig.from_dict(fine_tuning_source(cfg).cfg.to_dict() | overrides)
+
+
+def write_tokenizer_and_config(
+    run_dir: Path, split: Split, model: HookedLlama, cfg: TrainConfig, given: tokenizers.Tokenizer | None = None
+) -> None:
+    """The run's tokenizer (resumed, `given` by the fine-tuning source, read from cfg.tokenizer, or trained on the
+    training stories), config.yaml and split.json. First
     refuses what would fail later: a tokenizer larger than d_vocab, a context too short for the samples' prompt,
     another split than the one resumed, a token stream shorter than one window."""
     model_cfg = model.cfg
     if cfg.resume:
         tok = load_tokenizer(run_dir / "tokenizer.json")
+    elif given is not None:
+        tok = given
     elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
