@@ -1,5 +1,5 @@
-"""The package's modules import one another one way: the graph of their imports (those inside functions included,
-type-checking-only ones not, since they never run) has no cycle."""
+"""The code's shape: the package's modules import one another one way (the graph of their imports, those inside
+functions included and type-checking-only ones not, since they never run, has no cycle), and functions fit a screen."""
 
 import ast
 import graphlib
@@ -67,3 +67,17 @@ def test_no_import_cycle():
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as e:
         pytest.fail(f"import cycle: {' -> '.join(e.args[1])}")
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Every function fits in 60 lines, `train` (the loop a reader should see whole) in 40; the argparse table
+    (`cli.parser`, declarations only) is the one exception."""
+    long = []
+    for path in [*PACKAGE.rglob("*.py"), *PACKAGE.parent.joinpath("apps").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                limit = 40 if (path.name, node.name) == ("train.py", "train") else 60
+                if lines > limit and (path.name, node.name) != ("cli.py", "parser"):
+                    long.append(f"{path.name}:{node.name} ({lines} lines)")
+    assert not long, long
