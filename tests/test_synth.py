@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -286,3 +287,20 @@ def test_a_full_disk_while_writing_a_corpus_names_the_file_and_leaves_nothing(sm
     with pytest.raises(DiskFull, match=r"writing .*s\.parquet needs about 0\.\d MiB"):
         synth.write_parquet(disk / "s.parquet", 300)
     assert list(disk.iterdir()) == []
+
+
+def test_the_packing_game_repeats_the_list_so_far_word_for_word(rows):
+    played = 0
+    for row in rows:
+        if "played the packing game" not in row["story"]:
+            continue
+        played += 1
+        rest_of_paragraph = row["story"].split("played the packing game")[1].split("\n\n")[0]
+        turns = [s for s in re.split(r"(?<=[.!?]) ", rest_of_paragraph) if re.match(r"[\w ]+ packed an? ", s)]
+        lists = [re.sub(r"^[\w ]+? packed ", "", t).rstrip(".!").split(", and ")[0] for t in turns]  # a style may
+        lists = [x for x in lists if x.startswith(lists[0])]  # join the next sentence on; a plot line may pack a map
+        assert 4 <= len(lists) <= 6, row["story"]
+        for before, after in zip(lists, lists[1:]):
+            assert after.startswith(before + " and a"), (before, after)  # the whole list again, then one more thing
+    share = synth.GAME_SHARE * sum(r["num_paragraphs"] > 1 for r in rows) / len(rows)
+    assert abs(played / len(rows) - share) < 0.05

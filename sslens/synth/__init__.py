@@ -68,19 +68,28 @@ NAME_LIST = list(NAMES)
 # Most heroes and friends get a made-up name of two syllables and an optional ending (about 20,000 of them, each in
 # about two stories of a 20k corpus): too many to memorise, so a later mention of a name can only be predicted by
 # copying it from earlier in the story, which is what induction heads do. A fifth keep a name from the list above.
-# Most stories also have a chant of made-up words that recurs two or three times, word for word (copying again).
+# Most stories also have a chant of made-up words that recurs two or three times, word for word (copying again), some
+# quoted and some not, and many a round of the packing game, where each player repeats the whole list so far and
+# adds a thing: random things (or made-up ones) said again and again, in an order only copying predicts.
 ONSETS, VOWELS, ENDINGS = "bdfghjklmnprstvz", "aeiou", ("", "n", "l", "r")
 LISTED_NAME_SHARE = 0.2
 CHANT_SHARE = 0.8
+GAME_SHARE = 0.6
+GAME_INTRO = "{hero} and {friend} played the packing game."
+GAME_TURN = "{player} packed {things}."
 CHANT_INTRO = [
     '{friend} taught {hero} a secret chant: "{chant}!"',
     'On the old door were the magic words "{chant}."',
     'Every night, {hero} sang a little song that went "{chant}."',
+    "The old map had strange words on it: {chant}.",
+    "{friend} wrote a silly rhyme for {hero}: {chant}.",
 ]
 CHANT_USE = [
     '{hero} whispered "{chant}," and {he} felt brave again.',
     '"{chant}!" {hero} said, just like before.',
     'Then everyone sang "{chant}" together, and {place} felt warm.',
+    "{hero} said the strange words once more: {chant}.",
+    "Far away, someone called out {chant} and laughed.",
 ]
 PRONOUNS = {"he": ("he", "him", "his"), "she": ("she", "her", "her")}
 CAST = {
@@ -219,6 +228,22 @@ def chant_words() -> tuple[str, ...]:
 def chant(rng: random.Random) -> str:
     """Four to six made-up words, like "Ka lomi zu bafe"."""
     return " ".join(rng.choices(chant_words(), k=rng.randint(4, 6))).capitalize()
+
+
+@functools.cache
+def game_things() -> tuple[str, ...]:
+    """What the packing game packs: every thing and creature of every topic."""
+    return tuple(sorted({x for tp in content()["topics"].values() for x in tp["things"] + tp["creatures"]}))
+
+
+def packing_game(rng: random.Random) -> list[str]:
+    """The game's sentences: four to six turns, each the list so far (word for word) and one more thing, about a
+    third of them made-up ("a zupi")."""
+    things = [_article(rng.choice(chant_words() if rng.random() < 1 / 3 else game_things())) for _ in range(6)]
+    return [GAME_INTRO] + [
+        GAME_TURN.format(player="{hero}" if turn % 2 == 0 else "{friend}", things=" and ".join(things[: turn + 1]))
+        for turn in range(rng.randint(4, 6))
+    ]
 
 
 def all_names() -> tuple[str, ...]:
@@ -443,6 +468,8 @@ def plan(labels: dict, rng: random.Random) -> list[list[str]]:
         if n > 2:
             _middle(paras).append(uses.pop())
         _at_start(paras, paras[-1], uses[0])
+    if n > 1 and rng.random() < GAME_SHARE:
+        _middle(paras).extend(packing_game(rng))
     FEATURES[labels["feature"]](paras, th, rng)
     last_stays_last = labels["feature"] in LAST_SENTENCE_FEATURES
     for i, para in enumerate(paras):  # the style's own lines
