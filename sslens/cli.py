@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.run(args, extra)
     except SSLensError as e:
-        print(f"sslens: {e.prefix}{e}", file=sys.stderr)
+        sys.stderr.write(f"sslens: {e.prefix}{e}\n")  # one write: torchrun's ranks share the stream
         sys.exit(e.exit_code)
     except OSError as e:  # a path the user gave: missing directory, no permission, disk full
         print(f"sslens: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
