@@ -1,4 +1,5 @@
 import base64
+import contextlib
 import html
 import json
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslens import SSLensError, load_model
+from sslens import HookedLlama, SSLensError, load_model
 from sslens.checkpoint import checkpoint_dir, find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
 
@@ -205,40 +206,24 @@ def test_bad_input_gives_a_message_not_a_traceback(case, message, tiny_run, tmp_
     assert any(message in text for text in shown), shown
 
 
-@pytest.mark.slow
-def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
-    """`streamlit run` on a free local port, loaded in headless Chromium (Debian's chromium + chromium-driver,
-    driven by Selenium) until the three panels have drawn; the screenshots are kept as test artifacts. Then a
-    prompt that fills the run's whole context (n_ctx 128, the longest text it allows: 108 prompt tokens + 20 new)
-    must still draw readably, through the position window, and the Token picker's label must agree with its table
-    (a browser keeps a widget's label by its id, which AppTest cannot show in full)."""
+@contextlib.contextmanager
+def explorer_in_browser(runs: Path):
+    """`streamlit run` of the explorer over `runs` on a free local port, loaded in headless Chromium (Debian's
+    chromium + chromium-driver, driven by Selenium) until its three panels have drawn."""
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and chromedriver):
         pytest.skip("no browser: install Debian's chromium and chromium-driver (.ci/run does when it can use apt-get)")
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is in the dev extra")
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = free_port()
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(APP),
-            "--server.address=127.0.0.1",
-            f"--server.port={port}",
-            "--server.headless=true",
-            "--browser.gatherUsageStats=false",
-            "--",
-            "--runs",
-            str(tiny_run.parent),
-        ],
+        [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address=127.0.0.1", f"--server.port={port}",
+         "--server.headless=true", "--browser.gatherUsageStats=false", "--", "--runs", str(runs)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-    )
+    )  # fmt: skip
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1700,1100"):
@@ -253,9 +238,25 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
             except Exception:  # the server is still starting
                 time.sleep(1)
         WebDriverWait(browser, 180).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5)
+        yield browser
+    finally:
+        browser.quit()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
+    """The three panels draw in a real browser (the screenshots are kept as test artifacts); a prompt that fills the
+    run's whole context (n_ctx 128: 108 prompt tokens + 20 new) still draws readably, through the position window;
+    and the Token picker's label agrees with its table (a browser keeps a widget's label by its id, which AppTest
+    cannot show in full)."""
+    from selenium.webdriver.common.by import By
+
+    artifacts = Path(os.environ.get("SSLENS_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with explorer_in_browser(tiny_run.parent) as browser:
         text = browser.find_element(By.TAG_NAME, "body").text
-        artifacts = Path(os.environ.get("SSLENS_TEST_ARTIFACTS", tmp_path))
-        artifacts.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(artifacts / "explorer.png"))
         assert {"Generation", "Attention", "Logit lens"} <= set(text.splitlines())
         assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]') and "Traceback" not in text
@@ -266,32 +267,54 @@ def test_the_explorer_renders_in_a_real_browser(tiny_run, tmp_path):
         assert sidebar_ticks and not any(t.is_displayed() for t in sidebar_ticks)  # they overlapped the Prompt label
         assert "from step 0 (0 tokens) to step 300" in text
         assert_browser_label_matches_table(browser, By)
-        prompt = browser.find_element(By.CSS_SELECTOR, "[data-testid='stTextArea'] textarea")
-        prompt.send_keys(Keys.CONTROL, "a")
-        prompt.send_keys("the " * 108)
-        prompt.send_keys(Keys.CONTROL, Keys.ENTER)
-        WebDriverWait(browser, 180).until(
-            lambda b: (
-                "Positions shown" in b.find_element(By.TAG_NAME, "body").text
-                and len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5
-            )
+        assert_a_full_context_reads_well(browser, 108, artifacts / "explorer-128-tokens.png")
+
+
+@pytest.mark.slow
+def test_a_300_token_text_reads_well_in_a_real_browser(tiny_run, tmp_path):
+    """A model with a 320-token context (the 1.25M architecture with the test run's tokenizer, untrained: how it
+    reads, not what it says), given a 300-token prompt: the view over prompt + 20 new tokens stays readable."""
+    runs = tmp_path / "runs"
+    tokenizer = load_model(tiny_run).tokenizer
+    model = HookedLlama.from_preset("1.25M", seed=0, n_ctx=320, d_vocab=tokenizer.get_vocab_size())
+    model.tokenizer = tokenizer
+    model.save_hf(runs / "long-context")
+    artifacts = Path(os.environ.get("SSLENS_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with explorer_in_browser(runs) as browser:
+        assert_a_full_context_reads_well(browser, 300, artifacts / "explorer-320-tokens.png")
+
+
+def assert_a_full_context_reads_well(browser, n_prompt: int, screenshot: Path) -> None:
+    """Type a prompt of `n_prompt` tokens; once drawn, the logit lens shows a window of at most 32 positions ending at
+    the last new token, with cell text of 8px or more, and the Token picker still agrees with its table."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    prompt = browser.find_element(By.CSS_SELECTOR, "[data-testid='stTextArea'] textarea")
+    prompt.send_keys(Keys.CONTROL, "a")
+    prompt.send_keys("the " * n_prompt)
+    prompt.send_keys(Keys.CONTROL, Keys.ENTER)
+    WebDriverWait(browser, 180).until(
+        lambda b: (
+            "Positions shown" in b.find_element(By.TAG_NAME, "body").text
+            and len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) >= 5
         )
-        WebDriverWait(browser, 60).until(
-            lambda b: not b.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget'] button")
-        )
-        time.sleep(2)
-        browser.save_screenshot(str(artifacts / "explorer-128-tokens.png"))
-        assert_browser_label_matches_table(browser, By)
-        lens = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[3]
-        ticks = [t.text for t in lens.find_elements(By.CSS_SELECTOR, ".xtick text")]
-        assert 0 < len(ticks) <= 32 and ticks[-1].endswith("*") and int(ticks[0].partition(":")[0]) > 90  # the end
-        cells = [t for t in lens.find_elements(By.CSS_SELECTOR, ".heatmaplayer text") if t.text]
-        assert cells and min(float(c.value_of_css_property("font-size").removesuffix("px")) for c in cells) >= 8
-        assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
-    finally:
-        browser.quit()
-        server.terminate()
-        server.wait(timeout=30)
+    )
+    WebDriverWait(browser, 60).until(
+        lambda b: not b.find_elements(By.CSS_SELECTOR, "[data-testid='stStatusWidget'] button")
+    )
+    time.sleep(2)
+    browser.save_screenshot(str(screenshot))
+    assert_browser_label_matches_table(browser, By)
+    lens = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[3]
+    ticks = [t.text for t in lens.find_elements(By.CSS_SELECTOR, ".xtick text")]
+    assert 0 < len(ticks) <= 32 and ticks[-1].endswith("*"), ticks  # the window ends at the last new token
+    assert int(ticks[0].partition(":")[0]) > n_prompt - 20, ticks
+    cells = [t for t in lens.find_elements(By.CSS_SELECTOR, ".heatmaplayer text") if t.text]
+    assert cells and min(float(c.value_of_css_property("font-size").removesuffix("px")) for c in cells) >= 8
+    assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"]')
 
 
 def assert_browser_label_matches_table(browser, By) -> None:
