@@ -1,6 +1,7 @@
 """Fine-tuning: `sslens train CONFIG --init_from=SOURCE` from a Llama that transformers made and saved."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_fine_tuning_refusals_are_one_line(hf_source, tmp_path, capsys, extra, s
     code, err = sslens("train", "5M", f"--init_from={hf_source}", *TRAIN, f"--out_dir={tmp_path / 'r'}", *extra,
                        capsys=capsys)  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
-    assert __import__("re").search(says, err), err
+    assert re.search(says, err), err
     assert not (tmp_path / "r").exists()
 
 
