@@ -50,6 +50,12 @@ class ModelConfig:
     tie_word_embeddings: bool = field(init=False, default=True)
     default_prepend_bos: bool = field(init=False, default=False)
     original_architecture: str = field(init=False, default="LlamaForCausalLM")
+    # Where the model's weights are and their dtype, kept up to date by the model: TransformerLens's tools
+    # allocate their results with them. Not settings, so never saved or compared.
+    device: Any = field(init=False, default="cpu", compare=False, repr=False)
+    dtype: Any = field(init=False, default=None, compare=False, repr=False)
+    # TransformerLens's switch for per-head copies of each block's attention input (HookedLlama.set_use_split_qkv_input)
+    use_split_qkv_input: bool = field(init=False, default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         _coerce_fields(self)

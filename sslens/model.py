@@ -25,7 +25,8 @@ from .config import ModelConfig, load_config, memory_needed, parameter_count
 from .errors import SSLensError
 from .inductor import hooks_attached
 from .kvcache import KVCache
-from .tokenizer import alphabet_size, encode
+from .surface import TransformerLensSurface
+from .tokenizer import EOS, alphabet_size
 
 
 class Hook(HookPoint):
@@ -37,7 +38,8 @@ class Hook(HookPoint):
 
     @property
     def active(self) -> bool:
-        return hooks_attached(self)
+        # nnsight routes a module it wraps through a `forward` of its own, set on the instance
+        return hooks_attached(self) or "forward" in self.__dict__
 
 
 class RMSNorm(nn.Module):
@@ -106,6 +108,8 @@ class Attention(nn.Module):
         self.hook_attn_scores = Hook()  # [batch, head, q_pos, k_pos], -inf above the diagonal
         self.hook_pattern = Hook()  # [batch, head, q_pos, k_pos]
         self.hook_z = Hook()  # [batch, pos, head, d_head]
+        # Only with cfg.use_split_qkv_input (see TransformerBlock.split_inputs): [batch, pos, head or kv_head, d_model]
+        self.hook_q_input, self.hook_k_input, self.hook_v_input = Hook(), Hook(), Hook()
 
     # TransformerLens weight views: W_Q [head, d_model, d_head], W_O [head, d_head, d_model]. W_K and W_V are
     # repeated to one per query head (as TransformerLens does for GQA) so per-head circuits index them directly.
@@ -134,14 +138,17 @@ class Attention(nn.Module):
         return self.hook_attn_scores.active or self.hook_pattern.active
 
     def forward(
-        self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
+        self, x: Float[Tensor, "batch pos d_model"] | tuple[Tensor, Tensor, Tensor], ctx: AttentionContext
     ) -> Float[Tensor, "batch pos d_model"]:
-        batch, pos, _ = x.shape
+        """`x` is the normalised residual stream, or (with `use_split_qkv_input`) one copy of it per query head and
+        per key/value head for Q, K and V, each [batch, pos, head, d_model]."""
         cfg = self.cfg
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = self.hook_q(q.view(batch, pos, cfg.n_heads, cfg.d_head))
-        k = self.hook_k(k.view(batch, pos, cfg.n_key_value_heads, cfg.d_head))
-        v = self.hook_v(v.view(batch, pos, cfg.n_key_value_heads, cfg.d_head))
+        if isinstance(x, tuple):
+            q, k, v = (einops.einsum(xi, self._head_weights(i), "b p h d, h d e -> b p h e") for i, xi in enumerate(x))
+        else:
+            q, k, v = (t.unflatten(-1, (-1, cfg.d_head)) for t in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
+        batch, pos = q.shape[:2]
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         cos, sin = ctx.cos.to(q.dtype), ctx.sin.to(q.dtype)
         q = self.hook_rot_q(apply_rotary(q, cos, sin)).transpose(1, 2)
         k = self.hook_rot_k(apply_rotary(k, cos, sin)).transpose(1, 2)
@@ -255,13 +262,22 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = Hook()
         self.hook_mlp_out = Hook()
         self.hook_resid_post = Hook()
+        self.cfg = cfg
 
     def forward(
         self, x: Float[Tensor, "batch pos d_model"], ctx: AttentionContext
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(x)
-        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(self.ln1(resid_pre), ctx)))
+        attn_in = self.split_inputs(resid_pre) if self.cfg.use_split_qkv_input else self.ln1(resid_pre)
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(self.attn(attn_in, ctx)))
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(self.mlp(self.ln2(resid_mid))))
+
+    def split_inputs(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> tuple[Tensor, Tensor, Tensor]:
+        """TransformerLens's `use_split_qkv_input`: a copy of the residual stream per query head and per key/value
+        head, hooked before the norm, so that what one head reads (its query, key or value) can be patched alone."""
+        n_heads, n_kv = self.cfg.n_heads, self.cfg.n_key_value_heads
+        hooks = ((self.attn.hook_q_input, n_heads), (self.attn.hook_k_input, n_kv), (self.attn.hook_v_input, n_kv))
+        return tuple(self.ln1(hook(resid_pre[:, :, None].repeat(1, 1, n, 1))) for hook, n in hooks)
 
 
 def available_memory(device: torch.device | str = "cpu") -> int | None:
@@ -296,17 +312,7 @@ def check_memory(cfg: ModelConfig, device: torch.device | str = "cpu") -> None:
         )
 
 
-def _stacked(module: str, weight: str, shape: str) -> property:
-    """A TransformerLens model-level weight: the per-block weight stacked over layers."""
-
-    def get(self: HookedLlama) -> Tensor:
-        return torch.stack([getattr(getattr(block, module), weight) for block in self.blocks])
-
-    get.__doc__ = f"`blocks[i].{module}.{weight}` stacked: [{shape}]"
-    return property(get)
-
-
-class HookedLlama(HookedRootModule):
+class HookedLlama(TransformerLensSurface, HookedRootModule):
     """A Llama whose every activation is a TransformerLens HookPoint.
 
     >>> model = HookedLlama.from_preset("5M", seed=0)
@@ -326,6 +332,7 @@ class HookedLlama(HookedRootModule):
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.setup()
+        cfg.device, cfg.dtype = self.W_E.device, self.W_E.dtype
 
     def to(self, *args, **kwargs) -> HookedLlama:
         """nn.Module.to, refusing first a move onto a GPU without room for the weights and one forward."""
@@ -464,51 +471,22 @@ class HookedLlama(HookedRootModule):
             return out, ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
         return out, cache
 
-    # ---- TransformerLens surface -------------------------------------------------------------------------
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.weight
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.embed.weight.T
-
-    W_Q = _stacked("attn", "W_Q", "layer head d_model d_head")
-    W_K = _stacked("attn", "W_K", "layer head d_model d_head")
-    W_V = _stacked("attn", "W_V", "layer head d_model d_head")
-    W_O = _stacked("attn", "W_O", "layer head d_head d_model")
-    W_gate = _stacked("mlp", "W_gate", "layer d_model d_mlp")
-    W_in = _stacked("mlp", "W_in", "layer d_model d_mlp")
-    W_out = _stacked("mlp", "W_out", "layer d_mlp d_model")
-
-    def tokens_to_residual_directions(self, tokens: str | int | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
-        """The residual direction whose dot product with the RMS-scaled residual gives each token's logit.
-
-        Unlike TransformerLens without `fold_ln`, this includes ln_final's weight, so `cache.logit_attrs` on a
-        `decompose_resid` stack sums exactly to the logits of this unfolded (real) Llama.
-        """
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        tokens = torch.as_tensor(tokens, device=self.W_E.device)
-        return self.W_E[tokens] * self.ln_final.w
-
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Tensor:
-        """Llama has no biases: the accumulated bias is zero."""
-        return torch.zeros(self.cfg.d_model, device=self.W_E.device, dtype=self.W_E.dtype)
-
-    def to_single_token(self, string: str) -> int:
-        if self.tokenizer is None:
-            raise SSLensError("this model has no tokenizer attached; pass token ids instead of strings")
-        ids = encode(self.tokenizer, string, eos=False)
-        if len(ids) != 1:
-            raise SSLensError(f"{string!r} is {len(ids)} tokens, not one")
-        return ids[0]
-
-    def generate(self, prompts, max_new_tokens: int = 200, **settings) -> list:
-        """Continue prompt strings or token lists with KV-cached sampling; see `sslens.generate.generate`."""
+    def generate(self, prompts, max_new_tokens: int = 200, do_sample: bool = True, **settings) -> list | Tensor:
+        """Continue prompt strings or token lists with KV-cached sampling: a list of Samples (see
+        `sslens.generate.generate`). A token tensor gives a token tensor, as in TransformerLens: each row and its
+        continuation, [EOS] after a row has stopped. `do_sample=False` is greedy."""
         from .generate import generate
 
-        return generate(self, prompts, max_new_tokens, **settings)
+        if not do_sample:
+            settings["temperature"] = 0.0
+        if not isinstance(prompts, Tensor):
+            return generate(self, prompts, max_new_tokens, **settings)
+        rows = prompts[None] if prompts.ndim == 1 else prompts
+        samples = generate(self, rows.tolist(), max_new_tokens, **settings)
+        width = max(len(s.tokens) for s in samples)
+        pad = self._tok().token_to_id(EOS) if self.tokenizer is not None else 0
+        new = [s.tokens + [pad] * (width - len(s.tokens)) for s in samples]
+        return torch.cat([rows, torch.tensor(new, dtype=rows.dtype, device=rows.device).view(len(rows), width)], 1)
 
     def save_hf(self, path: str | Path, card: str | None = None) -> None:
         """Write an HF `LlamaForCausalLM` directory (config, safetensors, tokenizer files if attached, README.md with
