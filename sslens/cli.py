@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .config import CARD_PROBE_STORIES, DEFAULT_PROBE_HOOKS, parse_overrides, preset_names
 from .errors import SSLensError
@@ -278,6 +279,32 @@ def cmd_data_synth(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"wrote {args.n:,} stories to {path} ({args.n / (time.perf_counter() - start):,.0f} stories/s)")
 
 
+def cmd_data_pairs(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .pairs import SLOT_FACTORS, check_factor, pairs, write_pairs
+
+    _no_extra(overrides)
+    check_factor(args.factor, args.value)
+    tok = source_tokenizer(args.tokenizer) if args.factor in SLOT_FACTORS else None
+    start = time.perf_counter()
+    rows = pairs(args.factor, args.n, args.seed, tok, args.value)
+    path = write_pairs(args.out, rows)
+    print(f"wrote {len(rows):,} {args.factor} pairs to {path} in {time.perf_counter() - start:.1f} s")
+
+
+def source_tokenizer(source: str):
+    """The tokenizer of a run or model directory (its tokenizer.json), or a tokenizer.json file."""
+    from .tokenizer import load_tokenizer
+
+    path = Path(source)
+    if not path.exists():
+        raise SSLensError(f"no tokenizer at {path}: pass --tokenizer RUN_DIR or a tokenizer.json file")
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise SSLensError(f"{path} has no tokenizer.json; pass --tokenizer RUN_DIR or a tokenizer.json file")
+        path = path / "tokenizer.json"
+    return load_tokenizer(path)
+
+
 def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .data import load_stories
     from .tokenizer import save_tokenizer, train_tokenizer
@@ -450,6 +477,27 @@ def parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0, help="the same seed and n give the same stories")
     syn.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write them")
     syn.set_defaults(run=cmd_data_synth)
+    pp = d.add_parser(
+        "pairs",
+        help="counterfactual story pairs that differ in one factor (token-aligned prompts for a slot factor)",
+    )
+    pp.add_argument(
+        "--factor",
+        required=True,
+        help="name, friend, pronoun, object, creature, place (slots); "
+        "theme, topic, style, feature, grammar, persona (labels)",
+    )
+    pp.add_argument("--value", help="a label factor's counterfactual value (default: another one drawn per pair)")
+    pp.add_argument("--n", type=int, default=256, help="number of pairs")
+    pp.add_argument("--seed", type=int, default=0, help="the corpus seed: pair i comes from one of its stories")
+    pp.add_argument(
+        "--tokenizer",
+        default="runs/quickstart",
+        metavar="RUN|FILE",
+        help="slot factors: the tokenizer the pairs are aligned under (a run directory or a tokenizer.json)",
+    )
+    pp.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write them")
+    pp.set_defaults(run=cmd_data_pairs)
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     tt = t.add_parser("train", help="train the SimpleStories WordPiece recipe on a story source")
     tt.add_argument(

@@ -34,12 +34,17 @@ def atomic_replace(src: Path, dst: Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary file beside it, so `path` is never half-written."""
-    with writing(path, len(text.encode())):
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it, so `path` is never half-written."""
+    with writing(path, len(data)):
         with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+            "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
         ) as f:
             try:
-                f.write(text)
+                f.write(data)
                 f.flush()
             except BaseException:
                 Path(f.name).unlink(missing_ok=True)

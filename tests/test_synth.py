@@ -149,7 +149,8 @@ def test_features_shape_the_structure(feature, check):
         labels = synth.sample_labels(rng)
         if labels["feature"] != feature or labels["num_paragraphs"] < 3:
             continue
-        story = synth.realise(synth.plan(labels, rng), labels, rng)
+        paras = synth.plan(labels, rng)
+        story = synth.realise(paras, labels, synth.cast(labels, rng), rng)
         assert check(story, labels["num_paragraphs"]), story
         found += 1
     assert found >= 5

@@ -239,7 +239,7 @@ def game_things() -> tuple[str, ...]:
 def packing_game(rng: random.Random) -> list[str]:
     """The game's sentences: four to six turns, each the list so far (word for word) and one more thing, about a
     third of them made-up ("a zupi")."""
-    things = [_article(rng.choice(chant_words() if rng.random() < 1 / 3 else game_things())) for _ in range(6)]
+    things = [article(rng.choice(chant_words() if rng.random() < 1 / 3 else game_things())) for _ in range(6)]
     return [GAME_INTRO] + [
         GAME_TURN.format(player="{hero}" if turn % 2 == 0 else "{friend}", things=" and ".join(things[: turn + 1]))
         for turn in range(rng.randint(4, 6))
@@ -259,7 +259,7 @@ def _name(rng: random.Random) -> tuple[str, str]:
     return rng.choice(made_up_names()), rng.choice(("he", "she"))
 
 
-def _article(noun: str) -> str:
+def article(noun: str) -> str:
     return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
@@ -503,16 +503,17 @@ def cast(labels: dict, rng: random.Random) -> dict[str, str]:
         "friend": friend,
         "place": rng.choice(tp["places"]),
         "thing": "the " + thing,
-        "a_thing": _article(thing),
+        "a_thing": article(thing),
         "creature": "the " + creature,
-        "a_creature": _article(creature),
+        "a_creature": article(creature),
         "chant": chant(rng),
     }
 
 
-def realise(paras: list[list[str]], labels: dict, rng: random.Random) -> str:
-    """Fill the slots (`cast`) and shape sentences as the style does."""
-    slots, style = cast(labels, rng), STYLES[labels["style"]]
+def realise(paras: list[list[str]], labels: dict, slots: dict[str, str], rng: random.Random) -> str:
+    """Fill the slots (`cast`) and shape sentences as the style does. The draws made here never depend on the slots'
+    values, so a story realised again with one slot changed differs from it in that slot only (`sslens.pairs`)."""
+    style = STYLES[labels["style"]]
     out = []
     for para in paras:
         sentences = []
@@ -608,7 +609,8 @@ def story(seed: int, index: int) -> dict:
     """Row `index` of the corpus for `seed`: one story with all 21 SimpleStories columns."""
     rng = random.Random(f"{seed}/{index}")
     labels = sample_labels(rng)
-    text = realise(plan(labels, rng), labels, rng)
+    paras = plan(labels, rng)
+    text = realise(paras, labels, cast(labels, rng), rng)
     row = {"story": text, **{k: labels[k] for k in LABEL_COLUMNS}, **metrics(text)}
     row |= {
         "num_stories_in_completion": 1,
