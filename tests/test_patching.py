@@ -1,0 +1,101 @@
+"""sslens.patching against TransformerLens's own patching functions (one forward per patch) on the same model and
+pairs, and attribution patching against activation patching where the first-order estimate is exact."""
+
+import pytest
+import torch
+import transformer_lens.patching as tl
+
+from sslens import load_model, pairs
+from sslens.errors import SSLensError
+from sslens.patching import SWEEPS, LogitDiff, attribute_hooks, patch_hooks, sweep
+
+# our sweep -> (TransformerLens's function, how to lay our axes out as its)
+TL_SWEEPS = {
+    "resid_pre": (tl.get_act_patch_resid_pre, lambda v: v),
+    "resid_mid": (tl.get_act_patch_resid_mid, lambda v: v),
+    "attn_out": (tl.get_act_patch_attn_out, lambda v: v),
+    "mlp_out": (tl.get_act_patch_mlp_out, lambda v: v),
+    "heads": (tl.get_act_patch_attn_head_out_all_pos, lambda v: v),
+    "heads_by_pos": (tl.get_act_patch_attn_head_out_by_pos, lambda v: v.permute(0, 2, 1)),  # layer pos head
+    "patterns": (tl.get_act_patch_attn_head_pattern_all_pos, lambda v: v),
+    "patterns_by_pos": (tl.get_act_patch_attn_head_pattern_by_pos, lambda v: v),  # layer head dest_pos
+}
+LENGTH = 20
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_run):
+    """The trained tiny model and three name pairs, each cut to its last LENGTH tokens (still one mention apart)."""
+    model = load_model(tiny_run).eval()
+    rows = [
+        r
+        for r in pairs.pairs("name", 60, seed=1, tokenizer=model.tokenizer)
+        if len(r["clean_tokens"]) >= LENGTH and r["positions"][0] >= len(r["clean_tokens"]) - LENGTH
+    ][:3]
+    assert len(rows) == 3
+    clean = torch.tensor([r["clean_tokens"][-LENGTH:] for r in rows])
+    corrupt = torch.tensor([r["corrupt_tokens"][-LENGTH:] for r in rows])
+    metric = LogitDiff([r["clean_answer"] for r in rows], [r["corrupt_answer"] for r in rows])
+    return model, clean, corrupt, metric
+
+
+@pytest.mark.parametrize("name", sorted(TL_SWEEPS))
+def test_each_sweep_equals_transformer_lens(batch, name):
+    model, clean, corrupt, metric = batch
+    ours = sweep(model, clean, corrupt, metric, name)
+    tl_sweep, layout = TL_SWEEPS[name]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    theirs = tl_sweep(model, corrupt, cache, lambda logits: metric(logits).mean())
+    assert ours.values.abs().max() > 0.05, "some patch restores something"
+    # compared as the metric itself (a logit difference), before normalising, so fp32 noise is not magnified
+    patched = ours.values * (ours.clean_metric - ours.corrupt_metric) + ours.corrupt_metric
+    torch.testing.assert_close(layout(patched), theirs, atol=1e-4, rtol=1e-4)
+    assert ours.axes[0] == "layer" and ours.values.shape == tuple(len(ours.labels[a]) for a in ours.axes)
+
+
+def test_resid_post_is_the_next_blocks_resid_pre(batch):
+    model, clean, corrupt, metric = batch
+    post, pre = (sweep(model, clean, corrupt, metric, name).values for name in ("resid_post", "resid_pre"))
+    torch.testing.assert_close(post[:-1], pre[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_attribution_is_exact_where_the_metric_is_linear_in_the_activation(batch):
+    """Logits are linear in the final norm's output, so there the first-order estimate is the patched value."""
+    model, clean, corrupt, metric = batch
+    where = (["ln_final.hook_normalized"], ("pos", "d_model"), ("pos",))
+    patched, hi, lo = patch_hooks(model, clean, corrupt, metric, *where)
+    estimate, _, _ = attribute_hooks(model, clean, corrupt, metric, *where)
+    assert (patched[0, -1] - lo).abs() > 0.01  # the last position carries the clean run's whole effect
+    torch.testing.assert_close(estimate + lo, patched, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "heads_by_pos", "patterns_by_pos"])
+def test_attribution_sweeps_lay_out_as_the_activation_sweeps(batch, name):
+    """How well the estimate agrees on a real model is measured, not asserted (`sslens bench`, notebook 04); here:
+    the same grid, and at the final norm exactly the activation result (test above)."""
+    model, clean, corrupt, metric = batch
+    act, attr = (sweep(model, clean, corrupt, metric, name, method) for method in ("activation", "attribution"))
+    assert attr.values.shape == act.values.shape and attr.axes == act.axes and attr.labels == act.labels
+    assert attr.method == "attribution" and attr.values.abs().max() > 0
+
+
+def test_results_name_their_axes_and_draw(batch):
+    model, clean, corrupt, metric = batch
+    result = sweep(model, clean, corrupt, metric, "heads_by_pos")
+    assert result.axes == ("layer", "head", "pos")
+    assert result.labels["pos"][0].startswith("0: ") and result.labels["head"][-1] == f"H{model.cfg.n_heads - 1}"
+    frame = result.frame()
+    assert len(frame) == result.values.numel() and list(frame.columns) == ["layer", "head", "pos", "effect"]
+    fig = result.figure()
+    assert fig.data[0].z.shape == (model.cfg.n_layers, model.cfg.n_heads * LENGTH)
+
+
+def test_bad_sweeps_and_pairs_are_one_line(batch):
+    model, clean, corrupt, metric = batch
+    with pytest.raises(SSLensError, match="sweeps: " + ", ".join(SWEEPS)):
+        sweep(model, clean, corrupt, metric, "neurons")
+    with pytest.raises(SSLensError, match="one shape"):
+        sweep(model, clean, corrupt[:, 1:], metric)
+    with pytest.raises(SSLensError, match="nothing to restore"):
+        sweep(model, clean, clean, metric)
