@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .errors import SSLensError
@@ -118,60 +118,77 @@ class Patching:
         return fig
 
 
-def patch_values(shape: Sequence[int], dims: Sequence[str], axes: Sequence[str]) -> list[tuple[int, ...]]:
+@dataclass
+class PairBatch:
+    """Clean and corrupt prompts of one shape (left-padded, with their attention mask, when lengths differ), the
+    metric, and optionally position roles: which positions of each pair play which part ("mention", "last", ...)."""
+
+    clean: Int[Tensor, "pair pos"]
+    corrupt: Int[Tensor, "pair pos"]
+    metric: Metric
+    attention_mask: Int[Tensor, "pair pos"] | None = None
+    roles: dict[str, Bool[Tensor, "pair pos"]] | None = None
+
+    def __post_init__(self) -> None:
+        self.clean, self.corrupt = torch.atleast_2d(self.clean), torch.atleast_2d(self.corrupt)
+        if self.clean.shape != self.corrupt.shape:
+            raise SSLensError(
+                f"clean and corrupt tokens must have one shape, not {tuple(self.clean.shape)} and "
+                f"{tuple(self.corrupt.shape)}"
+            )
+
+    def run(self, model: HookedLlama, tokens: Tensor, copies: int = 1, **kwargs) -> Tensor:
+        """The model on `copies` stacked copies of `tokens`' rows (with the attention mask, if any)."""
+        mask = None if self.attention_mask is None else self.attention_mask.repeat(copies, 1)
+        return model.run_with_hooks(tokens.repeat(copies, 1), attention_mask=mask, **kwargs)
+
+
+def patch_values(shape: Sequence[int], dims: Sequence[str], axes: Sequence[str], roles: dict | None) -> list[tuple]:
     """Every patch of one hook: each combination of values of `axes` (in order)."""
-    return list(itertools.product(*(range(shape[dims.index(a)]) for a in axes)))
+    return list(itertools.product(*(list(roles) if a == "role" else range(shape[dims.index(a)]) for a in axes)))
 
 
-def mask(shape: Sequence[int], dims: Sequence[str], axes: Sequence[str], values: tuple[int, ...]) -> Tensor:
-    """Which entries of an activation (batch axis excluded) the patch `axes = values` replaces."""
-    where = [slice(None)] * len(shape)
+def mask(shape: Sequence[int], dims: Sequence[str], axes: Sequence[str], values: tuple, roles: dict | None) -> Tensor:
+    """Which entries of an activation the patch `axes = values` replaces: [1 or pair, *shape]. A "role" axis
+    picks each pair's own positions of that role."""
+    out = torch.ones(1, *shape, dtype=torch.bool)
     for a, v in zip(axes, values):
-        where[dims.index(a)] = v
-    out = torch.zeros(*shape, dtype=torch.bool)
-    out[tuple(where)] = True
+        if a == "role":
+            m = roles[v]
+            out = out & m.view(m.shape[0], *(m.shape[1] if d == "pos" else 1 for d in dims))
+        else:
+            i = dims.index(a)
+            out = out & (torch.arange(shape[i]) == v).view(1, *(shape[i] if j == i else 1 for j in range(len(dims))))
     return out
 
 
-def _hook_names(model: HookedLlama, sweep: str) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
+def _hook_names(model: HookedLlama, sweep: str, roles: dict | None) -> tuple[list[str], tuple, tuple]:
     if sweep not in SWEEPS:
         raise SSLensError(f"unknown sweep {sweep!r}; sweeps: {', '.join(SWEEPS)}")
     hook, axes = SWEEPS[sweep]
+    axes = tuple("role" if a == "pos" and roles is not None else a for a in axes)
     return [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)], DIMS[hook], axes
 
 
-def _baselines(model, clean, corrupt, metric, names) -> tuple[dict, float, float]:
+def _baselines(model: HookedLlama, batch: PairBatch, names: list[str]) -> tuple[dict, float, float]:
     with torch.no_grad():
-        clean_logits, cache = model.run_with_cache(clean, names_filter=names)
-        clean_metric, corrupt_metric = metric(clean_logits).mean().item(), metric(model(corrupt)).mean().item()
+        clean_logits, cache = model.run_with_cache(batch.clean, attention_mask=batch.attention_mask, names_filter=names)
+        clean_metric = batch.metric(clean_logits).mean().item()
+        corrupt_metric = batch.metric(batch.run(model, batch.corrupt)).mean().item()
     if abs(clean_metric - corrupt_metric) < 1e-6:
         raise SSLensError("the metric is the same on the clean and the corrupt run: nothing to restore")
     return {n: cache[n] for n in names}, clean_metric, corrupt_metric
 
 
-def _check_pair(clean: Tensor, corrupt: Tensor) -> None:
-    if clean.shape != corrupt.shape:
-        raise SSLensError(
-            f"clean and corrupt tokens must have one shape, not {tuple(clean.shape)} and {tuple(corrupt.shape)}"
-        )
-
-
 def patch_hooks(
-    model: HookedLlama,
-    clean: Int[Tensor, "pair pos"],
-    corrupt: Int[Tensor, "pair pos"],
-    metric: Metric,
-    names: list[str],
-    dims: tuple[str, ...],
-    axes: tuple[str, ...],
+    model: HookedLlama, batch: PairBatch, names: list[str], dims: tuple[str, ...], axes: tuple[str, ...]
 ) -> tuple[Float[Tensor, "hook patch"], float, float]:
     """Activation patching at each hook in `names`, one patch per value of `axes`: the mean metric per patch,
-    and the clean and corrupt means. Patches run `rows` at a time in one forward, each row its own patch."""
-    _check_pair(clean, corrupt)
-    cache, clean_metric, corrupt_metric = _baselines(model, clean, corrupt, metric, names)
-    n_pairs, pos = corrupt.shape
+    and the clean and corrupt means. Patches share batched forwards, each row its own patch and pair."""
+    cache, clean_metric, corrupt_metric = _baselines(model, batch, names)
+    n_pairs, pos = batch.corrupt.shape
     shape = cache[names[0]].shape[1:]
-    patches = [(n, v) for n in names for v in patch_values(shape, dims, axes)]
+    patches = [(n, v) for n in names for v in patch_values(shape, dims, axes, batch.roles)]
     rows = max(1, LOGITS_BUDGET // (n_pairs * pos * model.cfg.d_vocab))
     out = []
     with torch.no_grad():
@@ -179,17 +196,17 @@ def patch_hooks(
             chunk = patches[start : start + rows]
             hooks = []
             for name in dict.fromkeys(n for n, _ in chunk):
-                mine = [(r, mask(shape, dims, axes, v)) for r, (n, v) in enumerate(chunk) if n == name]
+                mine = [(r, mask(shape, dims, axes, v, batch.roles)) for r, (n, v) in enumerate(chunk) if n == name]
                 hooks.append((name, _setter(cache[name], mine, n_pairs)))
-            logits = model.run_with_hooks(corrupt.repeat(len(chunk), 1), fwd_hooks=hooks)
-            out += [metric(part).mean() for part in logits.split(n_pairs)]
+            logits = batch.run(model, batch.corrupt, len(chunk), fwd_hooks=hooks)
+            out += [batch.metric(part).mean() for part in logits.split(n_pairs)]
     return torch.stack(out).view(len(names), -1).cpu(), clean_metric, corrupt_metric
 
 
 def _setter(clean: Tensor, mine: list[tuple[int, Tensor]], n_pairs: int):
     """A hook that writes the clean activation into the masked entries of its rows' patches."""
     rows = torch.tensor([r for r, _ in mine], device=clean.device)
-    where = torch.stack([m for _, m in mine]).to(clean.device)[:, None]  # [patch, 1 (pair), ...]
+    where = torch.stack([m for _, m in mine]).to(clean.device)  # [patch, 1 or pair, ...]
 
     def hook(act: Tensor, hook) -> Tensor:
         grouped = act.clone().view(-1, n_pairs, *act.shape[1:])
@@ -200,18 +217,11 @@ def _setter(clean: Tensor, mine: list[tuple[int, Tensor]], n_pairs: int):
 
 
 def attribute_hooks(
-    model: HookedLlama,
-    clean: Int[Tensor, "pair pos"],
-    corrupt: Int[Tensor, "pair pos"],
-    metric: Metric,
-    names: list[str],
-    dims: tuple[str, ...],
-    axes: tuple[str, ...],
+    model: HookedLlama, batch: PairBatch, names: list[str], dims: tuple[str, ...], axes: tuple[str, ...]
 ) -> tuple[Float[Tensor, "hook patch"], float, float]:
     """The first-order estimate of `patch_hooks`, less the corrupt mean: (clean - corrupt) . d mean metric / d
     activation, summed over each patch's entries, from one forward and one backward on the corrupt run."""
-    _check_pair(clean, corrupt)
-    cache, clean_metric, corrupt_metric = _baselines(model, clean, corrupt, metric, names)
+    cache, clean_metric, corrupt_metric = _baselines(model, batch, names)
     acts = {}
 
     def keep(act: Tensor, hook) -> Tensor:
@@ -222,15 +232,27 @@ def attribute_hooks(
         return act if act.requires_grad else act.detach().requires_grad_()
 
     with torch.enable_grad():
-        logits = model.run_with_hooks(corrupt, fwd_hooks=[("hook_embed", differentiable)] + [(n, keep) for n in names])
-        grads = torch.autograd.grad(metric(logits).mean(), [acts[n] for n in names], allow_unused=True)
-    order = [dims.index(a) for a in axes] + [i for i, d in enumerate(dims) if d not in axes]
+        logits = batch.run(
+            model, batch.corrupt, fwd_hooks=[("hook_embed", differentiable)] + [(n, keep) for n in names]
+        )
+        grads = torch.autograd.grad(batch.metric(logits).mean(), [acts[n] for n in names], allow_unused=True)
     out = []
     for name, grad in zip(names, grads):
         delta = (cache[name] - acts[name].detach()).float()
-        change = (delta * grad.float()).sum(0) if grad is not None else torch.zeros_like(delta[0])
-        out.append(change.permute(order).flatten(len(axes)).sum(-1).flatten())
+        change = delta * grad.float() if grad is not None else torch.zeros_like(delta)
+        out.append(summed(change, dims, axes, batch.roles))
     return torch.stack(out).cpu(), clean_metric, corrupt_metric
+
+
+def summed(change: Float[Tensor, "pair ..."], dims: tuple, axes: tuple, roles: dict | None) -> Float[Tensor, " patch"]:
+    """`change` summed over each patch's entries (and over pairs), in `patch_values` order."""
+    if "role" in axes:
+        shape = change.shape[1:]
+        return torch.stack(
+            [(change * mask(shape, dims, axes, v, roles)).sum() for v in patch_values(shape, dims, axes, roles)]
+        )
+    order = [dims.index(a) for a in axes] + [i for i, d in enumerate(dims) if d not in axes]
+    return change.sum(0).permute(order).flatten(len(axes)).sum(-1).flatten()
 
 
 def sweep(
@@ -240,35 +262,75 @@ def sweep(
     metric: Metric,
     name: str = "heads",
     method: str = "activation",
+    *,
+    attention_mask: Int[Tensor, "pair pos"] | None = None,
+    roles: dict[str, Bool[Tensor, "pair pos"]] | None = None,
 ) -> Patching:
-    """One named sweep (`SWEEPS`) by activation or attribution patching, normalised: 0 = corrupt, 1 = clean."""
+    """One named sweep (`SWEEPS`) by activation or attribution patching, normalised: 0 = corrupt, 1 = clean.
+    With `roles`, positions are grouped by role across pairs (each patch: every position of one role)."""
     if method not in ("activation", "attribution"):
         raise SSLensError(f"unknown method {method!r}; methods: activation, attribution")
-    clean, corrupt = torch.atleast_2d(clean), torch.atleast_2d(corrupt)
-    names, dims, axes = _hook_names(model, name)
+    batch = PairBatch(clean, corrupt, metric, attention_mask, roles)
+    names, dims, axes = _hook_names(model, name, roles)
     run = patch_hooks if method == "activation" else attribute_hooks
-    raw, clean_metric, corrupt_metric = run(model, clean, corrupt, metric, names, dims, axes)
+    raw, clean_metric, corrupt_metric = run(model, batch, names, dims, axes)
     # activation: the patched mean metric; attribution: the first-order change of the mean metric
     values = (raw - corrupt_metric if method == "activation" else raw) / (clean_metric - corrupt_metric)
-    sizes = {"head": model.cfg.n_heads, "pos": clean.shape[1]}
+    labels = axis_labels(model, batch)
     return Patching(
         sweep=name,
         method=method,
-        values=values.view(model.cfg.n_layers, *(sizes[a] for a in axes)),
+        values=values.view(model.cfg.n_layers, *(len(labels[a]) for a in axes)),
         axes=("layer", *axes),
-        labels=axis_labels(model, clean, sizes),
+        labels=labels,
         clean_metric=clean_metric,
         corrupt_metric=corrupt_metric,
-        n_pairs=clean.shape[0],
+        n_pairs=batch.clean.shape[0],
     )
 
 
-def axis_labels(model: HookedLlama, clean: Int[Tensor, "pair pos"], sizes: dict) -> dict[str, list[str]]:
-    """Tick labels: layers, heads, and positions as "i: token" of the first clean prompt (when a tokenizer is
-    attached), "i" otherwise."""
-    tokens = model.to_str_tokens(clean[0]) if model.tokenizer is not None else None
+def axis_labels(model: HookedLlama, batch: PairBatch) -> dict[str, list[str]]:
+    """Tick labels: layers, heads, roles, and positions as "i: token" of the first clean prompt (when a tokenizer
+    is attached), "i" otherwise."""
+    clean = batch.clean[0]
+    tokens = model.to_str_tokens(clean) if model.tokenizer is not None else None
     return {
         "layer": [f"L{i}" for i in range(model.cfg.n_layers)],
-        "head": [f"H{i}" for i in range(sizes["head"])],
-        "pos": [f"{i}: {tokens[i]}" if tokens else str(i) for i in range(sizes["pos"])],
+        "head": [f"H{i}" for i in range(model.cfg.n_heads)],
+        "pos": [f"{i}: {tokens[i]}" if tokens else str(i) for i in range(len(clean))],
+        "role": list(batch.roles or {}),
     }
+
+
+ROLES = ("mention", "after", "last", "other")  # see `pair_batch`
+
+
+def pair_batch(model: HookedLlama, rows: Sequence[dict]) -> PairBatch:
+    """Slot pairs (`sslens.pairs`) as one left-padded batch, with the logit-difference metric and position roles:
+    "mention" (the earlier mentions of the slot, where clean and corrupt differ), "after" (the token after each),
+    "last" (where the answer is predicted) and "other"."""
+    if not rows or "clean_tokens" not in rows[0]:
+        raise SSLensError("patching needs token-aligned pairs: a slot factor (name, friend, pronoun, ...)")
+    width = max(len(r["clean_tokens"]) for r in rows)
+    if width > model.cfg.n_ctx:
+        raise SSLensError(f"a pair's prompt is {width} tokens, over the model's context of {model.cfg.n_ctx}")
+    pad = [0] * width
+    clean, corrupt, attention, role = [], [], [], []
+    for r in rows:
+        n, offset = len(r["clean_tokens"]), width - len(r["clean_tokens"])
+        clean.append(pad[:offset] + r["clean_tokens"])
+        corrupt.append(pad[:offset] + r["corrupt_tokens"])
+        attention.append([0] * offset + [1] * n)
+        mention = set(r["positions"])
+        after = {p + 1 for p in mention if p + 1 not in mention}
+        names = ["other"] * n
+        for p in range(n):
+            names[p] = "last" if p == n - 1 else "mention" if p in mention else "after" if p in after else "other"
+        role.append([None] * offset + names)
+    return PairBatch(
+        torch.tensor(clean),
+        torch.tensor(corrupt),
+        LogitDiff([r["clean_answer"] for r in rows], [r["corrupt_answer"] for r in rows]),
+        torch.tensor(attention),
+        {name: torch.tensor([[x == name for x in pair] for pair in role]) for name in ROLES},
+    )

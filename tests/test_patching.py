@@ -1,13 +1,15 @@
 """sslens.patching against TransformerLens's own patching functions (one forward per patch) on the same model and
 pairs, and attribution patching against activation patching where the first-order estimate is exact."""
 
+import itertools
+
 import pytest
 import torch
 import transformer_lens.patching as tl
 
 from sslens import load_model, pairs
 from sslens.errors import SSLensError
-from sslens.patching import SWEEPS, LogitDiff, attribute_hooks, patch_hooks, sweep
+from sslens.patching import ROLES, SWEEPS, LogitDiff, PairBatch, attribute_hooks, pair_batch, patch_hooks, sweep
 
 # our sweep -> (TransformerLens's function, how to lay our axes out as its)
 TL_SWEEPS = {
@@ -61,12 +63,14 @@ def test_resid_post_is_the_next_blocks_resid_pre(batch):
 
 
 def test_attribution_is_exact_where_the_metric_is_linear_in_the_activation(batch):
-    """Logits are linear in the final norm's output, so there the first-order estimate is the patched value."""
-    model, clean, corrupt, metric = batch
+    """Logits are linear in the final norm's output, so there the first-order estimate is the patched value. The
+    metric reads every position (a logit difference summed over them), so every position's patch counts."""
+    model, clean, corrupt, _ = batch
+    metric = lambda logits: (logits[..., 5] - logits[..., 7]).sum(-1)  # noqa: E731
     where = (["ln_final.hook_normalized"], ("pos", "d_model"), ("pos",))
-    patched, hi, lo = patch_hooks(model, clean, corrupt, metric, *where)
-    estimate, _, _ = attribute_hooks(model, clean, corrupt, metric, *where)
-    assert (patched[0, -1] - lo).abs() > 0.01  # the last position carries the clean run's whole effect
+    patched, hi, lo = patch_hooks(model, PairBatch(clean, corrupt, metric), *where)
+    estimate, _, _ = attribute_hooks(model, PairBatch(clean, corrupt, metric), *where)
+    assert (patched - lo).abs().max() > 0.1
     torch.testing.assert_close(estimate + lo, patched, atol=1e-4, rtol=1e-4)
 
 
@@ -99,3 +103,42 @@ def test_bad_sweeps_and_pairs_are_one_line(batch):
         sweep(model, clean, corrupt[:, 1:], metric)
     with pytest.raises(SSLensError, match="nothing to restore"):
         sweep(model, clean, clean, metric)
+
+
+@pytest.mark.parametrize("name", ["resid_pre", "heads_by_pos"])
+def test_pairs_of_different_lengths_patch_by_role_as_one_pair_at_a_time(tiny_run, name):
+    """Left-padded pairs, patched by role in one batch, equal a plain loop: each pair alone, one forward per patch,
+    a hook copying the clean activation at that role's positions."""
+    model = load_model(tiny_run).eval()
+    rows = [r for r in pairs.pairs("name", 12, seed=4, tokenizer=model.tokenizer) if len(r["clean_tokens"]) <= 60][:3]
+    assert len({len(r["clean_tokens"]) for r in rows}) > 1, "lengths differ, so the batch is padded"
+    result = sweep(model, **vars(pair_batch(model, rows)), name=name)
+    assert result.axes[-1] == "role" and result.labels["role"] == list(ROLES)
+
+    hook = "hook_resid_pre" if name == "resid_pre" else "attn.hook_z"
+    heads = range(model.cfg.n_heads) if name == "heads_by_pos" else [None]
+    expected = torch.zeros(result.values.shape)
+    clean_m, corrupt_m, patched = 0.0, 0.0, {}
+    for r in rows:
+        clean, corrupt = torch.tensor([r["clean_tokens"]]), torch.tensor([r["corrupt_tokens"]])
+        metric = LogitDiff([r["clean_answer"]], [r["corrupt_answer"]])
+        roles = pair_batch(model, [r]).roles
+        with torch.no_grad():
+            clean_logits, cache = model.run_with_cache(clean)
+            clean_m += metric(clean_logits).item() / len(rows)
+            corrupt_m += metric(model(corrupt)).item() / len(rows)
+            for layer, head, (i, role) in itertools.product(range(model.cfg.n_layers), heads, enumerate(ROLES)):
+                at = roles[role][0]
+                where = (slice(None), at) if head is None else (slice(None), at, head)
+
+                def copy(act, hook, where=where, cache=cache):
+                    act = act.clone()
+                    act[where] = cache[hook.name][where]
+                    return act
+
+                logits = model.run_with_hooks(corrupt, fwd_hooks=[(f"blocks.{layer}.{hook}", copy)])
+                key = (layer, i) if head is None else (layer, head, i)
+                patched[key] = patched.get(key, 0.0) + metric(logits).item() / len(rows)
+    for key, value in patched.items():
+        expected[key] = (value - corrupt_m) / (clean_m - corrupt_m)
+    torch.testing.assert_close(result.values, expected, atol=1e-4, rtol=1e-4)
