@@ -1,4 +1,5 @@
-"""The sslens explorer: one prompt seen through generation, attention and the logit lens, across checkpoints.
+"""The sslens explorer: one prompt seen through generation, attention and the logit lens, and activation patching on
+counterfactual pairs, across checkpoints.
 
     streamlit run apps/explorer.py [-- --runs DIR] [--hub NAME,...]    (or SSLENS_RUNS=DIR, SSLENS_HUB=NAME,...)
 
@@ -21,11 +22,14 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
+import torch
 from plotly.subplots import make_subplots
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, explore
+from sslens.pairs import SLOT_FACTORS, pairs
+from sslens.patching import LogitDiff, pair_batch, sweep
 
 PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
 CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
@@ -245,6 +249,53 @@ def logit_lens_panel(result: Exploration, shown: slice) -> None:
         st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
 
 
+@st.cache_data(max_entries=32, show_spinner="Patching ...")
+def patch_maps(path: str, step: int | None, factor: str, n: int, clean: str, corrupt: str) -> tuple:
+    """The residual stream (layer x position role, or x position for typed prompts) and head sweeps."""
+    model = model_at(path, step)
+    if factor:
+        batch = vars(pair_batch(model, pairs(factor, n, 0, model.tokenizer, max_tokens=model.cfg.n_ctx)))
+    else:
+        tokens = model.to_tokens(clean), model.to_tokens(corrupt)
+        if tokens[0].shape != tokens[1].shape:
+            raise SSLensError(
+                f"the clean prompt is {tokens[0].shape[1]} tokens and the corrupt one {tokens[1].shape[1]}: "
+                "patching needs prompts of the same length (change a word for one of as many tokens)"
+            )
+        with torch.no_grad():
+            answers = [int(model(t)[0, -1].argmax()) for t in tokens]
+        if answers[0] == answers[1]:
+            raise SSLensError("both prompts make the model predict the same next token: nothing to restore")
+        batch = {"clean": tokens[0], "corrupt": tokens[1], "metric": LogitDiff([answers[0]], [answers[1]])}
+    return sweep(model, **batch, name="resid_pre"), sweep(model, **batch, name="heads")
+
+
+def patching_panel(path: str, step: int | None) -> None:
+    """Activation patching at this checkpoint: story pairs that differ in one slot, or two prompts of one length
+    (the metric: the logit difference between their next tokens)."""
+    st.subheader("Patching")
+    if not st.toggle("Patch counterfactual pairs at this checkpoint", key="patching"):
+        return
+    source = st.radio("Pairs", ["story pairs", "my prompts"], horizontal=True, key="patch_source")
+    factor, n, clean, corrupt = "", 0, "", ""
+    if source == "story pairs":
+        factor = st.selectbox("Factor (what differs)", SLOT_FACTORS, key="patch_factor")
+        n = st.slider("Pairs", 4, 64, 16, key="patch_n")
+    else:
+        clean = st.text_input("Clean prompt", "Mia had a good friend named Alex. One day, Mia and", key="patch_clean")
+        corrupt = st.text_input(
+            "Corrupt prompt", "Mia had a good friend named Leo. One day, Mia and", key="patch_corrupt"
+        )
+    try:
+        resid, heads = patch_maps(path, step, factor, n, clean, corrupt)
+    except SSLensError as e:
+        st.error(str(e))
+        return
+    left, right = st.columns(2)
+    left.plotly_chart(resid.figure(), width="stretch", config=PLOT_CONFIG, key="patch_resid")
+    right.plotly_chart(heads.figure(), width="stretch", config=PLOT_CONFIG, key="patch_heads")
+
+
 def open_model(root: Path, name: str) -> tuple[Path | str, list[int], dict[int, int]]:
     """The model directory `name` under the runs root (or a hub name), its saved steps (none for an HF directory)
     and the tokens seen at each. resolve_model has refused it first if anything loading it would open leads outside
@@ -264,6 +315,17 @@ def step_label(step: int, seen: dict[int, int]) -> str:
     """A checkpoint as the slider shows it; a step whose metrics line was lost (a cut last line) has no token count."""
     tokens = seen.get(step)
     return f"step {step} ({tokens:,} tokens)" if isinstance(tokens, int) else f"step {step}"
+
+
+def sampling_sidebar() -> tuple:
+    """New tokens, temperature, top-k, top-p and seed, as the sidebar sets them."""
+    return (
+        st.sidebar.slider("New tokens", 0, 200, EXPLORE_NEW_TOKENS, key="max_new_tokens"),
+        st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.1, key="temperature"),
+        st.sidebar.number_input("Top-k (0 = all)", 0, 4096, 40, key="top_k"),
+        st.sidebar.slider("Top-p (1 = all)", 0.05, 1.0, 1.0, 0.05, key="top_p"),
+        st.sidebar.number_input("Seed", 0, 2**31 - 1, 0, key="seed"),
+    )
 
 
 def main() -> None:
@@ -297,11 +359,7 @@ def main() -> None:
     elif steps:
         step = steps[0]
     prompt = st.sidebar.text_area("Prompt", "Once upon a time, there was a little", key="prompt")
-    max_new_tokens = st.sidebar.slider("New tokens", 0, 200, EXPLORE_NEW_TOKENS, key="max_new_tokens")
-    temperature = st.sidebar.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.1, key="temperature")
-    top_k = st.sidebar.number_input("Top-k (0 = all)", 0, 4096, 40, key="top_k")
-    top_p = st.sidebar.slider("Top-p (1 = all)", 0.05, 1.0, 1.0, 0.05, key="top_p")
-    seed = st.sidebar.number_input("Seed", 0, 2**31 - 1, 0, key="seed")
+    max_new_tokens, temperature, top_k, top_p, seed = sampling_sidebar()
     try:
         model_at(str(path), step)
     except Exception as e:  # the files are input: whatever their loader raises is a message on the page, not a crash
@@ -326,6 +384,7 @@ def main() -> None:
     with right:
         attention_panel(result, shown)
     logit_lens_panel(result, shown)
+    patching_panel(str(path), step)
 
 
 main()

@@ -35,6 +35,8 @@ GOALS = {
     "train_fp32*": 1.1,
     "train_bf16*": 1.5,
     "explorer_ms": 300.0,  # the explorer answers a prompt without a noticeable wait
+    "patch_heads_vs_tl": 5.0,
+    "attribution_vs_activation": 20.0,
 }
 
 
@@ -151,6 +153,42 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
             attempt("forward_nohooks_vs_hf", "HF LlamaForCausalLM (sdpa)", goal_of("forward_nohooks_vs_hf"), forward),
             attempt("cache_vs_tl_bridge", "TransformerBridge.run_with_cache", goal_of("cache_vs_tl_bridge"), cache),
         ]
+
+
+def bench_patching(preset: str = "1.25M", pos: int = 12, reps: int = 3, device: str = "cpu") -> list[Row]:
+    """A head x position activation-patching sweep, batched, against TransformerLens's one forward per patch; and
+    attribution patching against activation patching on the same grid. The tok/s columns count patches x tokens."""
+    import transformer_lens.patching as tl
+
+    from .patching import LogitDiff, sweep
+
+    model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
+    clean = torch.randint(0, model.cfg.d_vocab, (1, pos), generator=torch.Generator().manual_seed(0)).to(device)
+    corrupt = clean.clone()
+    corrupt[0, pos // 3] = (clean[0, pos // 3] + 1) % model.cfg.d_vocab
+    metric = LogitDiff(torch.tensor([1]), torch.tensor([2]))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+    n = model.cfg.n_layers * model.cfg.n_heads * pos * pos
+
+    def heads(method: str) -> Callable[[], object]:
+        return lambda: sweep(model, clean, corrupt, metric, "heads_by_pos", method)
+
+    def tl_heads() -> object:
+        return tl.get_act_patch_attn_head_out_by_pos(model, corrupt, cache, lambda logits: metric(logits).mean())
+
+    return [
+        attempt(
+            name,
+            peer,
+            goal_of(name),
+            lambda: compare(name, ours, peer, their, n, reps, goal_of(name)),
+        )
+        for name, ours, peer, their in [
+            ("patch_heads_vs_tl", heads("activation"), "transformer_lens.patching, a forward per patch", tl_heads),
+            ("attribution_vs_activation", heads("attribution"), "activation patching, batched", heads("activation")),
+        ]
+    ]
 
 
 def bench_generate(
@@ -389,7 +427,7 @@ def bench_suite(
     """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
 
     Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, nothing compiled, one warm
-    explorer run.
+    explorer run, 6-token patching sweeps.
     """
     check_device(device)
     reps = 2 if quick else reps
@@ -411,7 +449,8 @@ def bench_suite(
         preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000, device=device
     )
     explorer = bench_explorer(preset, reps=few, device=device)
-    return rows + probe_rows, explorer | probe_fit
+    rows += probe_rows + bench_patching(pos=6 if quick else 12, reps=max(2, few), device=device)
+    return rows, explorer | probe_fit
 
 
 def format_suite(rows: list[Row], extras: dict, header: str) -> str:

@@ -205,6 +205,32 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote an HF LlamaForCausalLM directory with this card as its README.md to {args.export}")
 
 
+def cmd_patch(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .checkpoint import load_model
+    from .pairs import SLOT_FACTORS, check_factor, pairs, read_pairs
+    from .patching import SWEEP_GROUPS, format_results, patch_steps, write_results
+
+    _no_extra(overrides)
+    check_factor(args.factor)
+    if args.factor not in SLOT_FACTORS:
+        raise SSLensError(f"patching needs token-aligned pairs: a slot factor ({', '.join(SLOT_FACTORS)})")
+    if args.step is not None and args.steps:
+        raise SSLensError("give --step N or --steps, not both")
+    steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
+    model = load_model(args.model, args.step)
+    if args.pairs:
+        rows = read_pairs(args.pairs, model.tokenizer)
+    else:
+        rows = pairs(args.factor, args.n, args.seed, model.tokenizer, max_tokens=model.cfg.n_ctx)
+    results = patch_steps(args.model, steps, rows, SWEEP_GROUPS[args.sweep], args.method, progress=True)
+    out = Path(args.out or Path("patching") / f"{Path(args.model).resolve().name}-{rows[0]['factor']}-{args.method}")
+    factor = rows[0]["factor"]
+    settings = {"model": str(args.model), "factor": factor, "pairs": len(rows), "source": args.pairs or args.seed}
+    paths = write_results(results, out, settings | {"method": args.method, "sweep": args.sweep})
+    print(format_results(results))
+    print(f"patched {len(rows)} {factor} pairs; wrote " + ", ".join(str(p) for p in paths))
+
+
 def interactive(model, settings: dict, generator) -> None:
     """Interactive generation: read a prompt, stream its story, repeat. An empty line or Ctrl-D quits;
     Ctrl-C stops the story being written (and quits at the prompt)."""
@@ -447,6 +473,24 @@ def parser() -> argparse.ArgumentParser:
         "--export", metavar="DIR", help="write the checkpoint as an HF directory whose README.md is this card"
     )
     ev.set_defaults(run=cmd_eval)
+    pt = sub.add_parser(
+        "patch",
+        help="activation or attribution patching on counterfactual story pairs",
+        description="Which components carry a story slot (the hero's name, ...) to where it is recalled: the "
+        "run's corrupt pairs with clean activations patched in, by layer, head and position role, normalised "
+        "so 0 is the corrupt run and 1 the clean one. Writes results.csv, results.json and index.html.",
+    )
+    pt.add_argument("model", help="a run directory (or a checkpoint or HF directory)")
+    pt.add_argument("--factor", default="name", help="name, friend, pronoun, object, creature or place")
+    pt.add_argument("--n", type=int, default=64, help="number of pairs")
+    pt.add_argument("--pairs", metavar="FILE.parquet", help="pairs from 'sslens data pairs' instead (this tokenizer)")
+    pt.add_argument("--seed", type=int, default=0, help="the corpus seed the pairs' stories come from")
+    pt.add_argument("--sweep", default="heads", choices=["heads", "resid", "attn", "mlp", "all"], help="components")
+    pt.add_argument("--method", default="activation", choices=["activation", "attribution"], help="how")
+    pt.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    pt.add_argument("--steps", help="'all' or steps like 0,64,1024: the effects against training step")
+    pt.add_argument("--out", metavar="DIR", help="default: patching/RUN-FACTOR-METHOD")
+    pt.set_defaults(run=cmd_patch)
     b = sub.add_parser(
         "bench",
         help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import tokenizers
 
 from . import synth
+from .data import tokenizer_hash
 from .errors import SSLensError
 from .fileio import atomic_write_bytes
 from .tokenizer import encode
@@ -122,6 +123,7 @@ def slot_pair(tok: tokenizers.Tokenizer, factor: str, seed: int, index: int) -> 
             "positions": [p for p in differ if p < cut],
             "clean_answer": clean[cut],
             "corrupt_answer": corrupt[cut],
+            "tokenizer_hash": tokenizer_hash(tok),
             **{k: labels[k] for k in LABEL_FACTORS},
         }
     return None
@@ -161,10 +163,16 @@ def label_pair(factor: str, seed: int, index: int, value: str | None = None) -> 
 
 
 def pairs(
-    factor: str, n: int, seed: int = 0, tokenizer: tokenizers.Tokenizer | None = None, value: str | None = None
+    factor: str,
+    n: int,
+    seed: int = 0,
+    tokenizer: tokenizers.Tokenizer | None = None,
+    value: str | None = None,
+    max_tokens: int | None = None,
 ) -> list[dict]:
     """`n` pairs for `factor` from consecutive stories of the corpus for `seed` (stories without a fitting
-    counterfactual are passed over). Slot factors need the tokenizer the pairs must be aligned under."""
+    counterfactual, or whose prompt is over `max_tokens`, are passed over). Slot factors need the tokenizer the
+    pairs must be aligned under."""
     check_factor(factor, value)
     if factor in SLOT_FACTORS and tokenizer is None:
         raise SSLensError(f"a {factor} pair is token-aligned, so it needs a tokenizer (a run directory or file)")
@@ -177,7 +185,7 @@ def pairs(
             if factor in SLOT_FACTORS
             else label_pair(factor, seed, index, value)
         )
-        if pair is not None:
+        if pair is not None and (max_tokens is None or len(pair.get("clean_tokens", ())) <= max_tokens):
             out.append(pair | {"pair": len(out)})
         index += 1
     return out
@@ -192,3 +200,17 @@ def write_pairs(path: str | Path, rows: list[dict]) -> Path:
     pq.write_table(pa.Table.from_pylist(rows), buffer)
     atomic_write_bytes(path, buffer.getvalue().to_pybytes())
     return path
+
+
+def read_pairs(path: str | Path, tok: tokenizers.Tokenizer) -> list[dict]:
+    """A pairs file's rows, refused unless they are slot pairs aligned under `tok` (their token ids mean nothing
+    under another tokenizer)."""
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SSLensError(f"{path} is not a pairs file ({str(e).splitlines()[0][:120]})") from None
+    if not rows or "clean_tokens" not in rows[0]:
+        raise SSLensError(f"{path} holds no slot pairs (patching needs name, friend, pronoun, ... pairs)")
+    if {r["tokenizer_hash"] for r in rows} != {tokenizer_hash(tok)}:
+        raise SSLensError(f"{path} was made with another tokenizer; make it with --tokenizer set to this run")
+    return rows

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .errors import SSLensError
+from .fileio import atomic_write_text
 from .model import HookedLlama
 
 if TYPE_CHECKING:
@@ -78,7 +80,7 @@ class Patching:
     clean_metric: float
     corrupt_metric: float
     n_pairs: int = 1
-    settings: dict = field(default_factory=dict)
+    step: int | None = None  # the checkpoint's training step, when known
 
     def frame(self) -> pd.DataFrame:
         """One row per patch: its axis labels and its effect."""
@@ -88,6 +90,9 @@ class Patching:
         return pd.DataFrame(
             [(*i, v) for i, v in zip(index, self.values.flatten().tolist())], columns=[*self.axes, "effect"]
         )
+
+    def to_dict(self) -> dict:
+        return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items()}
 
     def figure(self, title: str | None = None) -> go.Figure:
         """A heatmap (layer down, the other axis across; with head and position, one column per head-position)."""
@@ -109,8 +114,9 @@ class Patching:
                 hovertemplate="%{y} %{x}: %{z:.3f}<extra></extra>",
             )
         )
+        at = "" if self.step is None else f", step {self.step}"
         fig.update_layout(
-            title=title or f"{self.method} patching: {self.sweep} (0 = corrupt, 1 = clean; {self.n_pairs} pairs)",
+            title=title or f"{self.method} patching: {self.sweep} (0 = corrupt, 1 = clean; {self.n_pairs} pairs{at})",
             xaxis_title=" x ".join(across),
             yaxis_title="layer",
             yaxis_autorange="reversed",
@@ -334,3 +340,110 @@ def pair_batch(model: HookedLlama, rows: Sequence[dict]) -> PairBatch:
         torch.tensor(attention),
         {name: torch.tensor([[x == name for x in pair] for pair in role]) for name in ROLES},
     )
+
+
+SWEEP_GROUPS = {
+    "heads": ("heads", "heads_by_pos"),
+    "resid": ("resid_pre", "resid_mid", "resid_post"),
+    "attn": ("attn_out", "patterns", "patterns_by_pos"),
+    "mlp": ("mlp_out",),
+    "all": tuple(SWEEPS),
+}
+
+
+def patch_steps(
+    path: str | Path,
+    steps: Sequence[int] | str | None,
+    rows: Sequence[dict],
+    sweeps: Sequence[str] = SWEEP_GROUPS["heads"],
+    method: str = "activation",
+    progress: bool = False,
+) -> list[Patching]:
+    """Each sweep over slot pairs (by role) at each requested checkpoint of a run: "all", a list of steps, or None
+    (the newest)."""
+    from tqdm.auto import tqdm
+
+    from .checkpoint import load_model, requested_steps
+
+    results = []
+    for step in tqdm(requested_steps(path, steps, "patch"), desc="checkpoints", disable=not progress):
+        model = load_model(path, step).eval()
+        batch = pair_batch(model, rows)
+        for name in sweeps:
+            result = sweep(model, **vars(batch), name=name, method=method)
+            result.step = step
+            results.append(result)
+    return results
+
+
+def steps_figure(results: Sequence[Patching], top: int = 8) -> go.Figure:
+    """Each sweep's `top` components (largest effect at any step) against training step, one line each."""
+    import pandas as pd
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name in dict.fromkeys(r.sweep for r in results):
+        table = pd.concat([r.frame().assign(step=r.step) for r in results if r.sweep == name])
+        keys = [c for c in table.columns if c not in ("effect", "step")]
+        table["component"] = table[keys].astype(str).agg(" ".join, axis=1)
+        best = table.groupby("component")["effect"].apply(lambda e: e.abs().max()).nlargest(top).index
+        for component in best:
+            line = table[table["component"] == component]
+            fig.add_scatter(x=line["step"], y=line["effect"], mode="lines+markers", name=f"{name} {component}")
+    fig.update_layout(title="patching effect against training step", xaxis_title="step", yaxis_title="effect")
+    return fig
+
+
+def format_results(results: Sequence[Patching], top: int = 3) -> str:
+    """The newest checkpoint's `top` components per sweep, largest effect first."""
+    lines = []
+    for r in (r for r in results if r.step == results[-1].step):
+        best = r.frame().sort_values("effect", key=abs, ascending=False).head(top)
+        parts = [" ".join(map(str, row[:-1])) + f" {row[-1]:+.2f}" for row in best.itertuples(index=False)]
+        lines.append(f"{r.sweep:>16}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def write_results(results: Sequence[Patching], out: str | Path, settings: dict) -> list[Path]:
+    """results.csv (one row per component, sweep and step), results.json (the settings and every grid) and a
+    self-contained index.html: the newest checkpoint's heatmaps, and the effects against step when there are
+    several checkpoints. Each written atomically."""
+    import json
+
+    import pandas as pd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pd.concat([r.frame().assign(step=r.step, sweep=r.sweep, method=r.method) for r in results])
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
+    payload = {"settings": settings, "results": [r.to_dict() for r in results]}
+    atomic_write_text(out / "results.json", json.dumps(payload, indent=1))
+    figures = [r.figure() for r in results if r.step == results[-1].step]
+    if len({r.step for r in results}) > 1:
+        figures.append(steps_figure(results))
+    html = "".join(f.to_html(full_html=False, include_plotlyjs=i == 0) for i, f in enumerate(figures))
+    atomic_write_text(out / "index.html", f"<!DOCTYPE html><html><body>{html}</body></html>")
+    return [out / "results.csv", out / "results.json", out / "index.html"]
+
+
+def patch_heads(model: HookedLlama, batch: PairBatch, heads: Sequence[tuple[int, int]], into: str = "corrupt") -> float:
+    """The normalised metric (0 = corrupt, 1 = clean) with the listed (layer, head) outputs, at every position,
+    taken from the other run. into="corrupt": the clean heads patched into the corrupt run (how much do they
+    restore?); into="clean": the corrupt heads patched into the clean run (how much is lost without them?)."""
+    if into not in ("corrupt", "clean"):
+        raise SSLensError(f"into is 'corrupt' or 'clean', not {into!r}")
+    layers = sorted({layer for layer, _ in heads})
+    names = [f"blocks.{layer}.attn.hook_z" for layer in layers]
+    source, target = (batch.clean, batch.corrupt) if into == "corrupt" else (batch.corrupt, batch.clean)
+    with torch.no_grad():
+        _, clean_metric, corrupt_metric = _baselines(model, batch, names)
+        _, cache = model.run_with_cache(source, attention_mask=batch.attention_mask, names_filter=names)
+
+        def copy(act: Tensor, hook) -> Tensor:
+            act = act.clone()
+            chosen = [h for layer, h in heads if hook.name == f"blocks.{layer}.attn.hook_z"]
+            act[:, :, chosen] = cache[hook.name][:, :, chosen]
+            return act
+
+        logits = batch.run(model, target, fwd_hooks=[(name, copy) for name in names])
+    return (batch.metric(logits).mean().item() - corrupt_metric) / (clean_metric - corrupt_metric)

@@ -59,6 +59,16 @@ def test_probe_rows():
     assert fit["probe_fit_s_per_hook"]["s"] > 0 and fit["probe_fit_s_per_hook"]["classes"] == 5
 
 
+def test_patching_rows():
+    from sslens.bench import bench_patching
+
+    rows = bench_patching("1.25M", pos=4, reps=1)
+    assert [r.name for r in rows] == ["patch_heads_vs_tl", "attribution_vs_activation"] and not any(
+        r.error for r in rows
+    )
+    assert [r.goal for r in rows] == [5.0, 20.0] and all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
+
+
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -92,6 +102,8 @@ def test_cli_bench_writes_json(tmp_path):
         "explorer_no_generation_ms",
         "harvest_one_hook_vs_full_cache",
         "probe_fit_s_per_hook",
+        "patch_heads_vs_tl",
+        "attribution_vs_activation",
     }
 
 

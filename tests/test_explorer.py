@@ -17,6 +17,8 @@ import torch
 from sslens import HookedLlama, SSLensError, load_model
 from sslens.checkpoint import checkpoint_dir, find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
+from sslens.pairs import pairs
+from sslens.patching import pair_batch, sweep
 
 from conftest import free_port
 
@@ -165,6 +167,25 @@ def test_a_long_text_is_shown_through_a_position_window(tiny_run, monkeypatch):
     figs = charts(at)
     assert len(figs["lens"]["data"][0]["x"]) == 128 and z_of(figs["pattern"]["data"][0]).shape == (128, 128)
     assert not figs["lens"]["data"][0].get("texttemplate") and figs["lens"]["data"][0]["customdata"]  # hover only
+
+
+def test_the_patching_panel_follows_factor_and_checkpoint(tiny_run, monkeypatch):
+    at = start(tiny_run.parent, monkeypatch)
+    assert "patch_heads" not in charts(at), "patching runs only when asked for"
+    at.toggle(key="patching").set_value(True).run()
+    at.slider(key="patch_n").set_value(4).run()
+    assert not at.exception and not at.error
+    for step in (saved_steps(tiny_run)[-1], 64):
+        at.select_slider(key="step").set_value(step).run()
+        model = load_model(tiny_run, step=step)
+        batch = vars(pair_batch(model, pairs("name", 4, 0, model.tokenizer, max_tokens=model.cfg.n_ctx)))
+        for key, name in (("patch_heads", "heads"), ("patch_resid", "resid_pre")):
+            expected = sweep(model, **batch, name=name).values.numpy()
+            np.testing.assert_allclose(z_of(charts(at)[key]["data"][0]), expected.reshape(len(expected), -1), atol=1e-5)
+    at.radio(key="patch_source").set_value("my prompts").run()
+    assert not at.exception and not at.error and "patch_heads" in charts(at)
+    at.text_input(key="patch_corrupt").input("Mia had a good friend named Leo and Rita. One day, Mia and").run()
+    assert not at.exception and "same length" in at.error[0].value
 
 
 def test_an_hf_model_directory_is_explored_without_a_slider(tiny_run, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ def test_notebooks_are_committed_without_outputs():
         "01_activation_cache.ipynb",
         "02_metadata_probes.ipynb",
         "03_training_dynamics.ipynb",
+        "04_causal_patching.ipynb",
     ]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
@@ -25,6 +26,9 @@ def test_notebooks_are_committed_without_outputs():
 def test_notebook_runs_top_to_bottom(path, tiny_run, monkeypatch):
     monkeypatch.setenv("SSLENS_RUN", str(tiny_run))
     monkeypatch.setenv("SSLENS_MAX_STORIES", "1000")
+    monkeypatch.setenv("SSLENS_PAIRS", "12")
+    monkeypatch.setenv("SSLENS_STEP_PAIRS", "4")
+    monkeypatch.setenv("SSLENS_NAME_STORIES", "40")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ANALYSES)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

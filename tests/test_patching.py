@@ -2,14 +2,19 @@
 pairs, and attribution patching against activation patching where the first-order estimate is exact."""
 
 import itertools
+import json
+import subprocess
+import sys
 
+import pandas as pd
 import pytest
 import torch
 import transformer_lens.patching as tl
 
-from sslens import load_model, pairs
+from sslens import load_model, pairs, synth
 from sslens.errors import SSLensError
 from sslens.patching import ROLES, SWEEPS, LogitDiff, PairBatch, attribute_hooks, pair_batch, patch_hooks, sweep
+from sslens.tokenizer import train_tokenizer
 
 # our sweep -> (TransformerLens's function, how to lay our axes out as its)
 TL_SWEEPS = {
@@ -142,3 +147,59 @@ def test_pairs_of_different_lengths_patch_by_role_as_one_pair_at_a_time(tiny_run
     for key, value in patched.items():
         expected[key] = (value - corrupt_m) / (clean_m - corrupt_m)
     torch.testing.assert_close(result.values, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_sslens_patch_writes_results_across_checkpoints_and_reads_a_pairs_file(tiny_run, tmp_path):
+    def sslens(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True)
+
+    out = tmp_path / "patch"
+    done = sslens("patch", str(tiny_run), "--n", "4", "--steps", "64,300", "--sweep", "resid", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["step"]) == {64, 300} and set(table["sweep"]) == {"resid_pre", "resid_mid", "resid_post"}
+    assert set(table["role"]) == set(ROLES) and len(table) == 2 * 3 * 2 * len(ROLES)  # steps, sweeps, layers, roles
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["factor"] == "name" and len(saved["results"]) == 6
+    assert "plotly" in (out / "index.html").read_text() and "resid_pre" in done.stdout
+
+    done = sslens(
+        "data",
+        "pairs",
+        "--factor",
+        "name",
+        "--n",
+        "4",
+        "--tokenizer",
+        str(tiny_run),
+        "--out",
+        str(tmp_path / "p.parquet"),
+    )
+    assert done.returncode == 0, done.stderr
+    again = tmp_path / "again"
+    done = sslens(
+        "patch",
+        str(tiny_run),
+        "--pairs",
+        str(tmp_path / "p.parquet"),
+        "--step",
+        "300",
+        "--sweep",
+        "resid",
+        "--out",
+        str(again),
+    )
+    assert done.returncode == 0, done.stderr
+    pd.testing.assert_frame_equal(
+        pd.read_csv(again / "results.csv"), table[table["step"] == 300].reset_index(drop=True)
+    )
+
+    other = tmp_path / "other.json"
+    other.write_text(train_tokenizer([synth.story(9, i)["story"] for i in range(200)], vocab_size=600).to_str())
+    sslens(
+        "data", "pairs", "--factor", "name", "--n", "2", "--tokenizer", str(other), "--out", str(tmp_path / "o.parquet")
+    )
+    done = sslens("patch", str(tiny_run), "--pairs", str(tmp_path / "o.parquet"))
+    assert done.returncode == 1 and "another tokenizer" in done.stderr and done.stderr.count("\n") == 1
+    done = sslens("patch", str(tiny_run), "--factor", "theme")
+    assert done.returncode == 1 and "slot factor" in done.stderr

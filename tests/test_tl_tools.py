@@ -2,6 +2,7 @@
 on TransformerLens's TransformerBridge booted from the model's HF export (an independent implementation of the
 same network), and nnsight's traces equal our hooks."""
 
+import nnsight
 import pytest
 import torch
 import transformer_lens.patching as tl_patching
@@ -144,7 +145,6 @@ def test_generate_on_a_token_tensor_returns_tokens(pair):
 
 
 def test_nnsight_traces_equal_our_hooks(pair):
-    nnsight = pytest.importorskip("nnsight", reason="nnsight is in the dev extra")
     model, _, clean, corrupt, _ = pair
     wrapped = nnsight.NNsight(model)
     hook = "blocks.0.hook_resid_post"
