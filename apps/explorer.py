@@ -251,7 +251,8 @@ def logit_lens_panel(result: Exploration, shown: slice) -> None:
 
 @st.cache_data(max_entries=32, show_spinner="Patching ...")
 def patch_maps(path: str, step: int | None, factor: str, n: int, clean: str, corrupt: str) -> tuple:
-    """The residual stream (layer x position role, or x position for typed prompts) and head sweeps."""
+    """The residual stream (layer x position role, or x position for typed prompts) and head sweeps, and what the
+    metric compares."""
     model = model_at(path, step)
     if factor:
         batch = vars(pair_batch(model, pairs(factor, n, 0, model.tokenizer, max_tokens=model.cfg.n_ctx)))
@@ -262,12 +263,24 @@ def patch_maps(path: str, step: int | None, factor: str, n: int, clean: str, cor
                 f"the clean prompt is {tokens[0].shape[1]} tokens and the corrupt one {tokens[1].shape[1]}: "
                 "patching needs prompts of the same length (change a word for one of as many tokens)"
             )
-        with torch.no_grad():
-            answers = [int(model(t)[0, -1].argmax()) for t in tokens]
-        if answers[0] == answers[1]:
-            raise SSLensError("both prompts make the model predict the same next token: nothing to restore")
-        batch = {"clean": tokens[0], "corrupt": tokens[1], "metric": LogitDiff([answers[0]], [answers[1]])}
-    return sweep(model, **batch, name="resid_pre"), sweep(model, **batch, name="heads")
+        answers = typed_answers(model, *tokens)
+        batch = {"clean": tokens[0], "corrupt": tokens[1], "metric": LogitDiff(*answers)}
+    a, b = ("the clean answer", "the counterfactual one") if factor else (model.to_str_tokens(t)[0] for t in answers)
+    metric = f"metric: logit({a}) - logit({b}) at the last position"
+    return sweep(model, **batch, name="resid_pre"), sweep(model, **batch, name="heads"), metric
+
+
+def typed_answers(model, clean, corrupt) -> tuple[list[int], list[int]]:
+    """The two prompts' next tokens, or where both predict the same one, the tokens the change favours most (the
+    largest log-probability gain in either direction): the logit difference the maps restore."""
+    with torch.no_grad():
+        clean_lp, corrupt_lp = (model(t)[0, -1].log_softmax(-1) for t in (clean, corrupt))
+    if torch.equal(clean, corrupt):
+        raise SSLensError("the two prompts are the same: change a word in the corrupt one")
+    a, b = int(clean_lp.argmax()), int(corrupt_lp.argmax())
+    if a == b:
+        a, b = int((clean_lp - corrupt_lp).argmax()), int((corrupt_lp - clean_lp).argmax())
+    return [a], [b]
 
 
 def patching_panel(path: str, step: int | None) -> None:
@@ -287,10 +300,11 @@ def patching_panel(path: str, step: int | None) -> None:
             "Corrupt prompt", "Mia had a good friend named Leo. One day, Mia and", key="patch_corrupt"
         )
     try:
-        resid, heads = patch_maps(path, step, factor, n, clean, corrupt)
+        resid, heads, metric = patch_maps(path, step, factor, n, clean, corrupt)
     except SSLensError as e:
         st.error(str(e))
         return
+    st.caption(metric)
     left, right = st.columns(2)
     left.plotly_chart(resid.figure(), width="stretch", config=PLOT_CONFIG, key="patch_resid")
     right.plotly_chart(heads.figure(), width="stretch", config=PLOT_CONFIG, key="patch_heads")

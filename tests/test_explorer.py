@@ -18,7 +18,7 @@ from sslens import HookedLlama, SSLensError, load_model
 from sslens.checkpoint import checkpoint_dir, find_models, resolve_model, saved_steps, tokens_seen
 from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
 from sslens.pairs import pairs
-from sslens.patching import pair_batch, sweep
+from sslens.patching import LogitDiff, pair_batch, sweep
 
 from conftest import free_port
 
@@ -169,6 +169,15 @@ def test_a_long_text_is_shown_through_a_position_window(tiny_run, monkeypatch):
     assert not figs["lens"]["data"][0].get("texttemplate") and figs["lens"]["data"][0]["customdata"]  # hover only
 
 
+def typed_answers(model, clean, corrupt):
+    """The explorer's metric for typed prompts, computed here: their next tokens, or if those agree the tokens the
+    change favours most."""
+    with torch.no_grad():
+        lp = [model(t)[0, -1].log_softmax(-1) for t in (clean, corrupt)]
+    a, b = int(lp[0].argmax()), int(lp[1].argmax())
+    return ([a], [b]) if a != b else ([int((lp[0] - lp[1]).argmax())], [int((lp[1] - lp[0]).argmax())])
+
+
 def test_the_patching_panel_follows_factor_and_checkpoint(tiny_run, monkeypatch):
     at = start(tiny_run.parent, monkeypatch)
     assert "patch_heads" not in charts(at), "patching runs only when asked for"
@@ -184,6 +193,11 @@ def test_the_patching_panel_follows_factor_and_checkpoint(tiny_run, monkeypatch)
             np.testing.assert_allclose(z_of(charts(at)[key]["data"][0]), expected.reshape(len(expected), -1), atol=1e-5)
     at.radio(key="patch_source").set_value("my prompts").run()
     assert not at.exception and not at.error and "patch_heads" in charts(at)
+    clean, corrupt = (model.to_tokens(at.text_input(key=k).value) for k in ("patch_clean", "patch_corrupt"))
+    a, b = typed_answers(model, clean, corrupt)
+    expected = sweep(model, clean, corrupt, LogitDiff(a, b), "resid_pre").values.numpy()
+    np.testing.assert_allclose(z_of(charts(at)["patch_resid"]["data"][0]), expected, atol=1e-5)
+    assert any(f"logit({model.to_str_tokens(a)[0]})" in c.value for c in at.caption)
     at.text_input(key="patch_corrupt").input("Mia had a good friend named Leo and Rita. One day, Mia and").run()
     assert not at.exception and "same length" in at.error[0].value
 

@@ -200,6 +200,6 @@ def test_sslens_patch_writes_results_across_checkpoints_and_reads_a_pairs_file(t
         "data", "pairs", "--factor", "name", "--n", "2", "--tokenizer", str(other), "--out", str(tmp_path / "o.parquet")
     )
     done = sslens("patch", str(tiny_run), "--pairs", str(tmp_path / "o.parquet"))
-    assert done.returncode == 1 and "another tokenizer" in done.stderr and done.stderr.count("\n") == 1
+    assert done.returncode == 2 and "another tokenizer" in done.stderr and done.stderr.count("\n") == 1
     done = sslens("patch", str(tiny_run), "--factor", "theme")
-    assert done.returncode == 1 and "slot factor" in done.stderr
+    assert done.returncode == 2 and "slot factor" in done.stderr
