@@ -83,13 +83,17 @@ class Patching:
     step: int | None = None  # the checkpoint's training step, when known
 
     def frame(self) -> pd.DataFrame:
-        """One row per patch: its axis labels and its effect."""
+        """One row per patch: its axis labels, its effect, and the metric it restores (effect x `gap`)."""
         import pandas as pd
 
         index = itertools.product(*(self.labels[a] for a in self.axes))
-        return pd.DataFrame(
-            [(*i, v) for i, v in zip(index, self.values.flatten().tolist())], columns=[*self.axes, "effect"]
-        )
+        rows = [(*i, v, v * self.gap) for i, v in zip(index, self.values.flatten().tolist())]
+        return pd.DataFrame(rows, columns=[*self.axes, "effect", "restored"])
+
+    @property
+    def gap(self) -> float:
+        """clean - corrupt: the metric a full restoration gains (an effect of 1)."""
+        return self.clean_metric - self.corrupt_metric
 
     def to_dict(self) -> dict:
         return {k: v.tolist() if isinstance(v, Tensor) else v for k, v in vars(self).items()}
@@ -176,14 +180,24 @@ def _hook_names(model: HookedLlama, sweep: str, roles: dict | None) -> tuple[lis
     return [f"blocks.{layer}.{hook}" for layer in range(model.cfg.n_layers)], DIMS[hook], axes
 
 
-def _baselines(model: HookedLlama, batch: PairBatch, names: list[str]) -> tuple[dict, float, float]:
+def _clean_run(model: HookedLlama, batch: PairBatch, names: list[str]) -> tuple[dict, float]:
+    """The clean run's activations at `names` and its mean metric."""
     with torch.no_grad():
         clean_logits, cache = model.run_with_cache(batch.clean, attention_mask=batch.attention_mask, names_filter=names)
-        clean_metric = batch.metric(clean_logits).mean().item()
-        corrupt_metric = batch.metric(batch.run(model, batch.corrupt)).mean().item()
+    return {n: cache[n] for n in names}, batch.metric(clean_logits).mean().item()
+
+
+def _checked(clean_metric: float, corrupt_metric: float) -> float:
     if abs(clean_metric - corrupt_metric) < 1e-6:
         raise SSLensError("the metric is the same on the clean and the corrupt run: nothing to restore")
-    return {n: cache[n] for n in names}, clean_metric, corrupt_metric
+    return corrupt_metric
+
+
+def _baselines(model: HookedLlama, batch: PairBatch, names: list[str]) -> tuple[dict, float, float]:
+    cache, clean_metric = _clean_run(model, batch, names)
+    with torch.no_grad():
+        corrupt_metric = batch.metric(batch.run(model, batch.corrupt)).mean().item()
+    return cache, clean_metric, _checked(clean_metric, corrupt_metric)
 
 
 def patch_hooks(
@@ -227,7 +241,7 @@ def attribute_hooks(
 ) -> tuple[Float[Tensor, "hook patch"], float, float]:
     """The first-order estimate of `patch_hooks`, less the corrupt mean: (clean - corrupt) . d mean metric / d
     activation, summed over each patch's entries, from one forward and one backward on the corrupt run."""
-    cache, clean_metric, corrupt_metric = _baselines(model, batch, names)
+    cache, clean_metric = _clean_run(model, batch, names)
     acts = {}
 
     def keep(act: Tensor, hook) -> Tensor:
@@ -241,7 +255,9 @@ def attribute_hooks(
         logits = batch.run(
             model, batch.corrupt, fwd_hooks=[("hook_embed", differentiable)] + [(n, keep) for n in names]
         )
-        grads = torch.autograd.grad(batch.metric(logits).mean(), [acts[n] for n in names], allow_unused=True)
+        corrupt = batch.metric(logits).mean()
+        grads = torch.autograd.grad(corrupt, [acts[n] for n in names], allow_unused=True)
+    corrupt_metric = _checked(clean_metric, corrupt.item())
     out = []
     for name, grad in zip(names, grads):
         delta = (cache[name] - acts[name].detach()).float()
@@ -377,20 +393,26 @@ def patch_steps(
 
 
 def steps_figure(results: Sequence[Patching], top: int = 8) -> go.Figure:
-    """Each sweep's `top` components (largest effect at any step) against training step, one line each."""
+    """Each sweep's `top` components against training step, one line each, in metric units: the metric restored,
+    effect x (clean - corrupt). Early checkpoints barely tell the pairs apart, and there a normalised effect
+    divides by almost nothing; the metric restored stays comparable from step to step."""
     import pandas as pd
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for name in dict.fromkeys(r.sweep for r in results):
         table = pd.concat([r.frame().assign(step=r.step) for r in results if r.sweep == name])
-        keys = [c for c in table.columns if c not in ("effect", "step")]
+        keys = [c for c in table.columns if c not in ("effect", "step", "restored")]
         table["component"] = table[keys].astype(str).agg(" ".join, axis=1)
-        best = table.groupby("component")["effect"].apply(lambda e: e.abs().max()).nlargest(top).index
+        best = table.groupby("component")["restored"].apply(lambda e: e.abs().max()).nlargest(top).index
         for component in best:
             line = table[table["component"] == component]
-            fig.add_scatter(x=line["step"], y=line["effect"], mode="lines+markers", name=f"{name} {component}")
-    fig.update_layout(title="patching effect against training step", xaxis_title="step", yaxis_title="effect")
+            fig.add_scatter(x=line["step"], y=line["restored"], mode="lines+markers", name=f"{name} {component}")
+    fig.update_layout(
+        title="patching across training: metric restored (effect x clean-corrupt gap)",
+        xaxis_title="step",
+        yaxis_title="metric restored",
+    )
     return fig
 
 
@@ -399,7 +421,7 @@ def format_results(results: Sequence[Patching], top: int = 3) -> str:
     lines = []
     for r in (r for r in results if r.step == results[-1].step):
         best = r.frame().sort_values("effect", key=abs, ascending=False).head(top)
-        parts = [" ".join(map(str, row[:-1])) + f" {row[-1]:+.2f}" for row in best.itertuples(index=False)]
+        parts = [" ".join(map(str, row[:-2])) + f" {row[-2]:+.2f}" for row in best.itertuples(index=False)]
         lines.append(f"{r.sweep:>16}: " + ", ".join(parts))
     return "\n".join(lines)
 

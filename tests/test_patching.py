@@ -12,6 +12,7 @@ import torch
 import transformer_lens.patching as tl
 
 from sslens import load_model, pairs, synth
+from sslens.cli import main
 from sslens.errors import SSLensError
 from sslens.patching import ROLES, SWEEPS, LogitDiff, PairBatch, attribute_hooks, pair_batch, patch_hooks, sweep
 from sslens.tokenizer import train_tokenizer
@@ -95,7 +96,7 @@ def test_results_name_their_axes_and_draw(batch):
     assert result.axes == ("layer", "head", "pos")
     assert result.labels["pos"][0].startswith("0: ") and result.labels["head"][-1] == f"H{model.cfg.n_heads - 1}"
     frame = result.frame()
-    assert len(frame) == result.values.numel() and list(frame.columns) == ["layer", "head", "pos", "effect"]
+    assert len(frame) == result.values.numel() and list(frame.columns) == ["layer", "head", "pos", "effect", "restored"]
     fig = result.figure()
     assert fig.data[0].z.shape == (model.cfg.n_layers, model.cfg.n_heads * LENGTH)
 
@@ -149,12 +150,16 @@ def test_pairs_of_different_lengths_patch_by_role_as_one_pair_at_a_time(tiny_run
     torch.testing.assert_close(result.values, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_sslens_patch_writes_results_across_checkpoints_and_reads_a_pairs_file(tiny_run, tmp_path):
-    def sslens(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "sslens", *args], capture_output=True, text=True)
-
+def test_sslens_patch_writes_results_across_checkpoints_and_reads_a_pairs_file(tiny_run, tmp_path, capsys):
+    """The command as a user runs it (a subprocess), then in-process for the rest (quicker): a pairs file gives the
+    same results as the pairs it holds, and one made under another tokenizer is refused in one line."""
     out = tmp_path / "patch"
-    done = sslens("patch", str(tiny_run), "--n", "4", "--steps", "64,300", "--sweep", "resid", "--out", str(out))
+    done = subprocess.run(
+        [sys.executable, "-m", "sslens", "patch", str(tiny_run), "--n", "4", "--steps", "64,300", "--sweep", "resid"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(out / "results.csv")
     assert set(table["step"]) == {64, 300} and set(table["sweep"]) == {"resid_pre", "resid_mid", "resid_post"}
@@ -163,43 +168,22 @@ def test_sslens_patch_writes_results_across_checkpoints_and_reads_a_pairs_file(t
     assert saved["settings"]["factor"] == "name" and len(saved["results"]) == 6
     assert "plotly" in (out / "index.html").read_text() and "resid_pre" in done.stdout
 
-    done = sslens(
-        "data",
-        "pairs",
-        "--factor",
-        "name",
-        "--n",
-        "4",
-        "--tokenizer",
-        str(tiny_run),
-        "--out",
-        str(tmp_path / "p.parquet"),
-    )
-    assert done.returncode == 0, done.stderr
-    again = tmp_path / "again"
-    done = sslens(
-        "patch",
-        str(tiny_run),
-        "--pairs",
-        str(tmp_path / "p.parquet"),
-        "--step",
-        "300",
-        "--sweep",
-        "resid",
-        "--out",
-        str(again),
-    )
-    assert done.returncode == 0, done.stderr
+    pairs_file, again = str(tmp_path / "p.parquet"), tmp_path / "again"
+    main(["data", "pairs", "--factor", "name", "--n", "4", "--tokenizer", str(tiny_run), "--out", pairs_file])
+    main(["patch", str(tiny_run), "--pairs", pairs_file, "--step", "300", "--sweep", "resid", "--out", str(again)])
     pd.testing.assert_frame_equal(
         pd.read_csv(again / "results.csv"), table[table["step"] == 300].reset_index(drop=True)
     )
 
     other = tmp_path / "other.json"
     other.write_text(train_tokenizer([synth.story(9, i)["story"] for i in range(200)], vocab_size=600).to_str())
-    sslens(
-        "data", "pairs", "--factor", "name", "--n", "2", "--tokenizer", str(other), "--out", str(tmp_path / "o.parquet")
-    )
-    done = sslens("patch", str(tiny_run), "--pairs", str(tmp_path / "o.parquet"))
-    assert done.returncode == 2 and "another tokenizer" in done.stderr and done.stderr.count("\n") == 1
-    done = sslens("patch", str(tiny_run), "--factor", "theme")
-    assert done.returncode == 2 and "slot factor" in done.stderr
+    main(["data", "pairs", "--factor", "name", "--n", "2", "--tokenizer", str(other), "--out", str(tmp_path / "o.pq")])
+    capsys.readouterr()
+    for args, message in [
+        (["--pairs", str(tmp_path / "o.pq")], "another tokenizer"),
+        (["--factor", "theme"], "slot factor"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main(["patch", str(tiny_run), *args])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and message in err and err.count("\n") == 1
