@@ -38,6 +38,8 @@ BLOCK_HOOKS = [
 def test_hook_names_are_transformerlens_names(small_model):
     expected = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"}
     expected |= {f"blocks.{i}.{h}" for i in range(small_model.cfg.n_layers) for h in BLOCK_HOOKS}
+    # per-head copies of the attention input, which fire only with use_split_qkv_input (see test_tl_tools.py)
+    expected |= {f"blocks.{i}.attn.hook_{x}_input" for i in range(small_model.cfg.n_layers) for x in "qkv"}
     assert set(small_model.hook_dict) == expected
 
 
