@@ -137,11 +137,15 @@ def test_factored_circuits_and_device(pair):
 
 def test_generate_on_a_token_tensor_returns_tokens(pair):
     model, _, clean, *_ = pair
-    out = model.generate(clean, max_new_tokens=5, do_sample=False)
+    out = model.generate(clean, max_new_tokens=5, do_sample=False, stop_at_eos=False)  # a tiny model may end at once
     assert isinstance(out, torch.Tensor) and out.shape == (1, clean.shape[1] + 5)
     assert torch.equal(out[:, : clean.shape[1]], clean)
-    greedy = model.generate([clean[0].tolist()], max_new_tokens=5, temperature=0)[0].tokens
+    greedy = model.generate([clean[0].tolist()], max_new_tokens=5, temperature=0, stop_at_eos=False)[0].tokens
     assert out[0, clean.shape[1] :].tolist() == greedy
+    stopped = model.generate(torch.cat([clean, clean]), max_new_tokens=5, do_sample=False)
+    eos = model.tokenizer.token_to_id(EOS)
+    for row in stopped[:, clean.shape[1] :].tolist():  # a row that stopped is padded with [EOS], as TransformerLens
+        assert eos not in row or all(t == eos for t in row[row.index(eos) :])
 
 
 def test_nnsight_traces_equal_our_hooks(pair):
