@@ -337,7 +337,7 @@ def cmd_tokenizer_train(args: argparse.Namespace, overrides: list[str]) -> None:
 
     _no_extra(overrides)
     stories = load_stories(args.data, "train")
-    tok = train_tokenizer((batch["story"] for batch in stories.iter(batch_size=1000)), args.vocab_size)
+    tok = train_tokenizer(stories["story"], args.vocab_size)
     save_tokenizer(tok, args.out)
     print(f"trained a {tok.get_vocab_size():,}-token WordPiece tokenizer on {len(stories):,} stories; wrote {args.out}")
 

@@ -45,23 +45,37 @@ def simplestories_pipeline(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> tokenizers.Tokenizer:
     """Train the SimpleStories WordPiece recipe on `texts`: [UNK] = 0, [EOS] = 1, `vocab_size` entries at most.
     WordPiece keeps every character of the texts whatever `vocab_size` asks, so a size below that alphabet is
-    refused, naming the smallest that works (62 for the embedded corpus)."""
+    refused, naming the smallest that works (62 for the embedded corpus).
+
+    The same texts give the same tokenizer in every process. The trainer alone does not: it numbers the ##continuation
+    characters in hash-map order and breaks ties between equally frequent pairs by those numbers (tokenizers issue
+    #1794), so two fresh runs of one recipe could learn different vocabularies. A first pass finds those characters,
+    and the second gives them fixed ids, in sorted order, right after the special tokens. `texts` is read twice: a
+    one-shot iterator is first copied to a list."""
     if vocab_size < 1:
         raise SSLensError(f"the vocabulary size must be positive, got {vocab_size}")
-    tok = simplestories_pipeline(tokenizers.Tokenizer(WordPiece(unk_token=UNK, continuing_subword_prefix="##")))
-    tok.train_from_iterator(
-        texts,
-        WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=[UNK, EOS], continuing_subword_prefix="##", show_progress=False
-        ),
-    )
-    if tok.get_vocab_size() > vocab_size:
+    texts = list(texts) if iter(texts) is texts else texts
+    continuations = sorted(t for t in _wordpiece(texts, 0, [UNK, EOS]).get_vocab() if t.startswith("##"))
+    trained = _wordpiece(texts, vocab_size, [UNK, EOS, *continuations])
+    if trained.get_vocab_size() > vocab_size:
         raise SSLensError(
             f"a vocabulary of {vocab_size} tokens cannot hold these stories: [UNK], [EOS] and each "
-            f"character, alone and as a ##continuation, take {tok.get_vocab_size()}; ask for at least "
-            f"{tok.get_vocab_size()} (d_vocab when training, --vocab-size for sslens tokenizer train)"
+            f"character, alone and as a ##continuation, take {trained.get_vocab_size()}; ask for at least "
+            f"{trained.get_vocab_size()} (d_vocab when training, --vocab-size for sslens tokenizer train)"
         )
-    return simplestories_pipeline(tok)  # again, now that [EOS] has an id for the post-processor
+    vocab = trained.get_vocab(with_added_tokens=False)  # the ##continuations, not special tokens once trained
+    tok = tokenizers.Tokenizer(WordPiece(vocab, unk_token=UNK, continuing_subword_prefix="##"))
+    tok.add_special_tokens([UNK, EOS])
+    return simplestories_pipeline(tok)
+
+
+def _wordpiece(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> tokenizers.Tokenizer:
+    tok = simplestories_pipeline(tokenizers.Tokenizer(WordPiece(unk_token=UNK, continuing_subword_prefix="##")))
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, special_tokens=special_tokens, continuing_subword_prefix="##", show_progress=False
+    )
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
 
 def alphabet_size(tok: tokenizers.Tokenizer) -> int:

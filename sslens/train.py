@@ -473,7 +473,7 @@ def write_tokenizer_and_config(
     elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     else:
-        tok = train_tokenizer((b["story"] for b in split.train.iter(batch_size=1000)), model_cfg.d_vocab)
+        tok = train_tokenizer(split.train["story"], model_cfg.d_vocab)
     model.tokenizer = tok  # refuses one larger than d_vocab
     check_sample_prompt(tok, model_cfg, cfg)
     record = check_split(run_dir, split, cfg)

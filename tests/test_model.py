@@ -281,7 +281,7 @@ def test_a_tokenizer_too_large_names_only_vocabularies_that_can_work():
     d_vocab tokens (WordPiece keeps every character, so it could not); one large enough gets both choices."""
     from sslens.tokenizer import train_tokenizer
 
-    tok = train_tokenizer(["ab ba abc"] * 3, vocab_size=9)  # [UNK] [EOS] a b c ##a ##b ##c, then "ab"
+    tok = train_tokenizer(["ab ba abc"] * 3, vocab_size=9)  # [UNK] [EOS] ##a ##b ##c a b c, then "ab"
     assert tok.get_vocab_size() == 9
     with pytest.raises(SSLensError) as refused:
         HookedLlama.from_preset("1.25M", d_vocab=5).tokenizer = tok
