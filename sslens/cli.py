@@ -231,6 +231,24 @@ def cmd_patch(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"patched {len(rows)} {factor} pairs; wrote " + ", ".join(str(p) for p in paths))
 
 
+def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .sae import read_eval, train_saes
+
+    _no_extra(overrides)
+    if args.step is not None and args.steps:
+        raise SSLensError("give --step N or --steps, not both")
+    steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
+    settings = {"d_sae": args.width, "k": args.k, "arch": args.arch, "tokens": args.tokens, "seed": args.seed}
+    if args.l1 is not None:
+        settings["l1_coefficient"] = args.l1
+    paths = train_saes(args.model, args.hook, steps, args.data, args.out, progress=True, **settings)
+    print("| SAE | mse | fvu | L0 | dead | dense | CE loss recovered |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        e = read_eval(path)
+        print(f"| {path} | {e.mse:.4g} | {e.fvu:.3f} | {e.l0:.1f} | {e.dead} | {e.dense} | {e.ce_recovered:.3f} |")
+
+
 def interactive(model, settings: dict, generator) -> None:
     """Interactive generation: read a prompt, stream its story, repeat. An empty line or Ctrl-D quits;
     Ctrl-C stops the story being written (and quits at the prompt)."""
@@ -491,6 +509,27 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--steps", help="'all' or steps like 0,64,1024: the effects against training step")
     pt.add_argument("--out", metavar="DIR", help="default: patching/RUN-FACTOR-METHOD")
     pt.set_defaults(run=cmd_patch)
+    sa = sub.add_parser(
+        "sae",
+        help="sparse autoencoders on a hook, per checkpoint, in SAELens's file layout",
+        description="Train a TopK (or ReLU + L1) sparse autoencoder on one hook's activations over the run's "
+        "own stories, evaluate it on held-out stories (MSE, fraction of variance unexplained, L0, dead and dense "
+        "latents, CE loss recovered), and save it in SAELens's layout (cfg.json, sae_weights.safetensors) under "
+        "MODEL/saes/HOOK/ARCH-WIDTH[-kK]/step_N. With --steps each SAE starts from the previous one's weights.",
+    )
+    sa.add_argument("model", help="a run directory (or a checkpoint or HF directory)")
+    sa.add_argument("--hook", required=True, help="e.g. blocks.1.hook_resid_post, blocks.0.hook_mlp_out")
+    sa.add_argument("--width", type=int, default=4096, help="latents")
+    sa.add_argument("--k", type=int, default=32, help="topk: latents active per token")
+    sa.add_argument("--arch", default="topk", help="topk or relu")
+    sa.add_argument("--l1", type=float, help="relu: the L1 coefficient (default 1.0)")
+    sa.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
+    sa.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    sa.add_argument("--steps", help="'all' or steps like 0,64,1024: one SAE per checkpoint, warm-started")
+    sa.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
+    sa.add_argument("--seed", type=int, default=0, help="initialisation, window order and shuffling")
+    sa.add_argument("--out", metavar="DIR", help="root of the saes/ tree (default: the model's directory)")
+    sa.set_defaults(run=cmd_sae)
     b = sub.add_parser(
         "bench",
         help="model: speed vs HF LlamaForCausalLM and TransformerBridge, as ratios; "

@@ -282,6 +282,22 @@ def validation_stories(record: dict, text_column: str | None = None) -> datasets
     return val
 
 
+def training_stories(record: dict, text_column: str | None = None) -> datasets.Dataset:
+    """The training stories a `Split.record` describes (the source's train split less its held-out rows), refused
+    as `validation_stories` refuses if the source no longer holds them."""
+    train = load_stories(record["data"], "train", text_column)
+    if record["held_out_rows"]:
+        kept = np.ones(len(train), dtype=bool)
+        kept[record["held_out_rows"]] = False
+        train = train.select(np.flatnonzero(kept))
+    if fingerprint(train) != record["train_fingerprint"]:
+        raise SSLensError(
+            f"{record['data']} no longer holds the training stories this run was made with "
+            "(their texts differ); restore the data the run was trained on"
+        )
+    return train
+
+
 def held_out_rows(n_stories: int, val_fraction: float, seed: int) -> np.ndarray:
     """The rows of a source without a test split that validation holds out: a seeded random choice, in order."""
     count = min(n_stories - 1, max(1, round(n_stories * val_fraction)))

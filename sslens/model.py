@@ -462,6 +462,13 @@ class HookedLlama(TransformerLensSurface, HookedRootModule):
         mask = (key_at <= query_at) & ((key_at == query_at) | (key_mask[:, None] if padded else True))
         return AttentionContext(cos, sin, mask[:, None] if mask.ndim == 3 else mask[None, None], start, cache)
 
+    def remove_all_hook_fns(self, direction: str = "both", including_permanent: bool = False, level=None) -> None:
+        """TransformerLens's, visiting only the hook points that hold hooks: every `run_with_hooks` ends here, and
+        walking all of them took about 1 ms a call, a sixth of a whole attribution-patching sweep."""
+        for hp in self.hook_dict.values():
+            if hp.fwd_hooks or hp.bwd_hooks:
+                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
     def run_with_cache(
         self, *model_args, return_cache_object: bool = True, remove_batch_dim: bool = False, **kwargs
     ) -> tuple[Tensor, ActivationCache | dict[str, Tensor]]:

@@ -5,7 +5,7 @@ in, and score the output with a metric, reported normalised so that 0 is the cor
 (patched - corrupt) / (clean - corrupt), each the metric's mean over the pairs. Where TransformerLens runs one
 forward per patch, here every patch of a sweep shares batched forwards: row `i * n_pairs + j` is patch `i` on
 pair `j`. Attribution patching estimates the same grid to first order, (clean - corrupt) . d metric / d activation,
-from one forward and one backward on the corrupt run.
+from one forward (clean and corrupt rows together) and one backward.
 """
 
 from __future__ import annotations
@@ -240,9 +240,9 @@ def attribute_hooks(
     model: HookedLlama, batch: PairBatch, names: list[str], dims: tuple[str, ...], axes: tuple[str, ...]
 ) -> tuple[Float[Tensor, "hook patch"], float, float]:
     """The first-order estimate of `patch_hooks`, less the corrupt mean: (clean - corrupt) . d mean metric / d
-    activation, summed over each patch's entries, from one forward and one backward on the corrupt run."""
-    cache, clean_metric = _clean_run(model, batch, names)
-    acts = {}
+    activation, summed over each patch's entries. One forward runs the clean and the corrupt prompts together (rows
+    do not interact), and one backward differentiates the corrupt rows' metric."""
+    n_pairs, acts = batch.clean.shape[0], {}
 
     def keep(act: Tensor, hook) -> Tensor:
         acts[hook.name] = act
@@ -251,17 +251,19 @@ def attribute_hooks(
     def differentiable(act: Tensor, hook) -> Tensor:  # gradients flow even if the weights are frozen
         return act if act.requires_grad else act.detach().requires_grad_()
 
+    mask = None if batch.attention_mask is None else batch.attention_mask.repeat(2, 1)
+    hooks = [("hook_embed", differentiable)] + [(n, keep) for n in names]
     with torch.enable_grad():
-        logits = batch.run(
-            model, batch.corrupt, fwd_hooks=[("hook_embed", differentiable)] + [(n, keep) for n in names]
-        )
-        corrupt = batch.metric(logits).mean()
+        both = model.run_with_hooks(torch.cat([batch.clean, batch.corrupt]), attention_mask=mask, fwd_hooks=hooks)
+        corrupt = batch.metric(both[n_pairs:]).mean()
         grads = torch.autograd.grad(corrupt, [acts[n] for n in names], allow_unused=True)
+    clean_metric = batch.metric(both[:n_pairs].detach()).mean().item()
     corrupt_metric = _checked(clean_metric, corrupt.item())
     out = []
     for name, grad in zip(names, grads):
-        delta = (cache[name] - acts[name].detach()).float()
-        change = delta * grad.float() if grad is not None else torch.zeros_like(delta)
+        act = acts[name].detach()
+        delta = (act[:n_pairs] - act[n_pairs:]).float()
+        change = delta * grad[n_pairs:].float() if grad is not None else torch.zeros_like(delta)
         out.append(summed(change, dims, axes, batch.roles))
     return torch.stack(out).cpu(), clean_metric, corrupt_metric
 

@@ -1,0 +1,512 @@
+"""Sparse autoencoders on any hook: TopK (the default) or ReLU with an L1 penalty, trained on activations streamed
+from the model over its own stories, evaluated with SAELens's definitions, saved in SAELens's on-disk layout.
+
+The recipe. Both architectures encode f = act((x - b_dec) W_enc + b_enc) and decode x^ = f W_dec + b_dec.
+- Inputs are scaled by one constant so that E||x||^2 = d_in (SAELens's "expected_average_only_in"); the constant is
+  folded into the weights when saving, so the files take raw activations.
+- W_dec's rows (one direction per latent) start random with unit norm and are kept at unit norm after every step,
+  with the gradient's component along each row removed first; W_enc starts as W_dec's transpose; b_dec starts at the
+  geometric median of the first buffer of activations (Weiszfeld's iteration); Adam, linear learning-rate warmup.
+- TopK (Gao et al., 2024, "Scaling and evaluating sparse autoencoders"): act keeps the k largest pre-activations
+  (through a ReLU). Loss: the squared error plus 1/32 of the AuxK loss, which asks the `aux_k` largest
+  pre-activations of the dead latents (none fired over the last `dead_tokens` tokens) to reconstruct the residual
+  error, normalised by that error's variance: dead latents get a gradient and come back.
+- ReLU (Bricken et al., 2023; Conerly et al., 2024 update): act is a ReLU; loss = squared error + l1_coefficient x
+  the sum of activations (times the unit decoder norms), the coefficient warmed up over the first 5% of steps.
+The squared error is summed over dimensions and averaged over tokens, as SAELens's training MSE.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import datasets
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .checkpoint import load_model, read_split, requested_steps
+from .data import Batches, load_stories, tokenize, training_stories, validation_stories
+from .errors import SSLensError
+from .fileio import writing
+from .model import HookedLlama
+from .probe import feature_widths, training_data
+from .runcard import model_step
+
+ARCHS = ("topk", "relu")
+CFG_FILE, WEIGHTS_FILE, EVAL_FILE = "cfg.json", "sae_weights.safetensors", "eval.json"
+WINDOWS_PER_FORWARD = 16
+DENSE_FRACTION = 0.1  # a latent active on more than this fraction of tokens is "dense" (SAELens's threshold)
+
+
+@dataclass
+class SAEConfig:
+    """What an SAE is and how it is trained. `d_in` is the hook's per-token width (heads x d_head for attn.hook_z)."""
+
+    hook_name: str
+    d_in: int
+    d_sae: int = 4096
+    arch: str = "topk"
+    k: int = 32  # topk: latents active per token
+    l1_coefficient: float = 1.0  # relu: weight of the L1 penalty (on inputs scaled to E||x||^2 = d_in)
+    lr: float = 4e-4
+    warmup_steps: int = 100
+    batch_tokens: int = 4096
+    tokens: int = 2_000_000  # training tokens
+    aux_k: int = 0  # topk: dead latents the AuxK loss uses; 0 = d_in // 2
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 200_000  # a latent silent for this many training tokens counts as dead
+    buffer_tokens: int = 65_536  # the shuffling buffer
+    seed: int = 0
+    model_name: str = ""
+    step: int | None = None  # the model checkpoint's training step
+    extra: dict = field(default_factory=dict)  # what the caller records beside (data, tokens seen, ...)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise SSLensError(f"unknown SAE architecture {self.arch!r}; architectures: {', '.join(ARCHS)}")
+        if self.d_sae <= 0:
+            raise SSLensError(f"the SAE width must be positive, got {self.d_sae}")
+        if self.arch == "topk" and not 0 < self.k < self.d_sae:
+            raise SSLensError(f"k must be between 1 and the width - 1 ({self.d_sae - 1}), got {self.k}")
+        for name in ("tokens", "batch_tokens", "buffer_tokens"):
+            if getattr(self, name) <= 0:
+                raise SSLensError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def saelens(self) -> dict:
+        """cfg.json in SAELens's field names (its TopK and standard SAE configs), with ours under metadata."""
+        ours = {k: v for k, v in asdict(self).items() if k not in ("d_in", "d_sae")}
+        cfg = {
+            "architecture": "topk" if self.arch == "topk" else "standard",
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "hook_z" if self.hook_name.endswith("hook_z") else "none",
+            "metadata": {
+                "model_name": self.model_name,
+                "hook_name": self.hook_name,
+                "hook_head_index": None,
+                "prepend_bos": False,
+                "context_size": None,
+                "sslens": ours,
+            },
+        }
+        if self.arch == "topk":
+            cfg |= {"k": self.k, "rescale_acts_by_decoder_norm": False}
+        return cfg
+
+    @classmethod
+    def from_saelens(cls, cfg: dict) -> SAEConfig:
+        """Ours from a SAELens cfg.json: its own fields win; our training settings come from metadata if there."""
+        arch = {"topk": "topk", "standard": "relu"}.get(cfg.get("architecture"))
+        if arch is None:
+            raise SSLensError(f"SAE architecture {cfg.get('architecture')!r} is not one sslens reads (topk, standard)")
+        known = {f.name for f in fields(cls)}
+        meta = cfg.get("metadata") or {}
+        ours = {k: v for k, v in (meta.get("sslens") or {}).items() if k in known}
+        given = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "arch": arch, "hook_name": meta.get("hook_name", "")}
+        return cls(**(ours | given | ({"k": cfg["k"]} if arch == "topk" else {})))
+
+
+class SparseAutoencoder(nn.Module):
+    """f = act((x - b_dec) W_enc + b_enc), x^ = f W_dec + b_dec: SAELens's parameter names, shapes and maths."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        if self.cfg.arch == "relu":
+            return pre.relu()
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+
+    def encode(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, f: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_in"]:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_in"]:
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def initialise(self, sample: Float[Tensor, "n d_in"]) -> None:
+        """Unit-norm random decoder rows, the encoder their transpose, b_dec the sample's geometric median."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.W_dec.copy_(F.normalize(torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen), dim=-1))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.copy_(geometric_median(sample.float()))
+
+    @torch.no_grad()
+    def rescaled(self, scale: float) -> SparseAutoencoder:
+        """The same SAE for inputs multiplied by `scale`: fold (scale = 1 / c) or unfold (c) an input scaling c."""
+        out = SparseAutoencoder(self.cfg)
+        out.W_enc.copy_(self.W_enc / scale)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec * scale)
+        out.b_dec.copy_(self.b_dec * scale)
+        return out
+
+
+def geometric_median(points: Float[Tensor, "n d"], iterations: int = 50) -> Float[Tensor, " d"]:
+    """The point minimising the summed Euclidean distance to `points` (Weiszfeld's iteration from the mean)."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=-1).clamp(min=1e-8)
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+    return median
+
+
+def hook_layer(model: HookedLlama, hook: str) -> int | None:
+    """The number of blocks a forward must run to reach `hook` (None: the whole model)."""
+    if hook == "hook_embed":
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) + 1 if m else None
+
+
+def check_hook(model: HookedLlama, hook: str) -> None:
+    if hook not in model.hook_dict:
+        near = [h for h in model.hook_dict if h.endswith(hook.rsplit(".", 1)[-1])][:6]
+        raise SSLensError(
+            f"{model.cfg.model_name or 'the model'} has no hook {hook!r}"
+            + (f"; hooks with that name: {', '.join(near)}" if near else "; see model.hook_dict")
+        )
+
+
+@torch.inference_mode()
+def activations(model: HookedLlama, hook: str, tokens: Tensor) -> Float[Tensor, "batch pos d_in"]:
+    """`hook`'s activations on a batch of token windows, from a forward that stops after the hook's block."""
+    _, cache = model.run_with_cache(
+        tokens.to(model.W_E.device),
+        names_filter=[hook],
+        return_type=None,
+        stop_at_layer=hook_layer(model, hook),
+        return_cache_object=False,
+    )
+    return cache[hook].flatten(2).float()
+
+
+class ActivationStream:
+    """`hook`'s activations, a batch of tokens at a time in shuffled order: forwards over token windows fill a
+    buffer; once half of it is used, new activations replace that half and it is shuffled again, so a batch mixes
+    tokens of many windows and positions. Its state is the windows read, and the random generator."""
+
+    def __init__(self, model: HookedLlama, hook: str, windows: Batches, cfg: SAEConfig):
+        self.model, self.hook, self.windows, self.cfg = model, hook, windows, cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.buffer = self._read(cfg.buffer_tokens)
+        self.used = 0
+
+    def _read(self, n_tokens: int) -> Float[Tensor, "n d_in"]:
+        parts, have = [], 0
+        while have < n_tokens:
+            part = activations(self.model, self.hook, next(self.windows)[:, :-1]).flatten(0, 1).cpu()
+            parts.append(part)
+            have += len(part)
+        return torch.cat(parts)[:n_tokens]
+
+    def __iter__(self) -> Iterator[Float[Tensor, "batch_tokens d_in"]]:
+        return self
+
+    def __next__(self) -> Float[Tensor, "batch_tokens d_in"]:
+        half = len(self.buffer) // 2
+        if self.used == 0 or self.used + self.cfg.batch_tokens > half:
+            if self.used:
+                self.buffer[:half] = self._read(half)
+            self.buffer = self.buffer[torch.randperm(len(self.buffer), generator=self.gen)]
+            self.used = 0
+        batch = self.buffer[self.used : self.used + self.cfg.batch_tokens]
+        self.used += self.cfg.batch_tokens
+        return batch
+
+
+def input_scale(sample: Float[Tensor, "n d_in"]) -> float:
+    """The constant c with E||c x||^2 = d_in over the sample."""
+    return math.sqrt(sample.shape[-1] / float(sample.pow(2).sum(-1).mean().clamp(min=1e-12)))
+
+
+def losses(
+    sae: SparseAutoencoder, x: Float[Tensor, "batch d_in"], dead: Tensor, l1_coefficient: float
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """The training loss of one batch, its parts, and which latents fired."""
+    pre = sae.pre_activations(x)
+    f = sae.activate(pre)
+    x_hat = sae.decode(f)
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    parts = {"mse": mse.item()}
+    if sae.cfg.arch == "relu":
+        sparsity = (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
+        parts["l1"] = sparsity.item()
+        loss = mse + l1_coefficient * sparsity
+    else:
+        loss = mse
+        if int(dead.sum()) > 0:
+            aux = aux_loss(sae, pre, dead, x - x_hat.detach())
+            parts["aux"] = aux.item()
+            loss = loss + sae.cfg.aux_coefficient * aux
+    return loss, parts, (f > 0).any(0)
+
+
+def aux_loss(sae: SparseAutoencoder, pre: Tensor, dead: Tensor, error: Tensor) -> Tensor:
+    """AuxK: the dead latents' `aux_k` largest pre-activations reconstruct the error (without b_dec), normalised
+    by the error's variance."""
+    k = min(sae.cfg.aux_k or sae.cfg.d_in // 2, int(dead.sum()))
+    values, indices = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1, sorted=False)
+    f = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+    return (f @ sae.W_dec - error).pow(2).sum(-1).mean() / variance
+
+
+@torch.no_grad()
+def constrain_decoder(sae: SparseAutoencoder) -> None:
+    """Before a step: drop the gradient's component along each decoder row (it would only change the norm)."""
+    if sae.W_dec.grad is not None:
+        rows = F.normalize(sae.W_dec, dim=-1)
+        sae.W_dec.grad -= (sae.W_dec.grad * rows).sum(-1, keepdim=True) * rows
+
+
+def train_sae(
+    model: HookedLlama,
+    windows: Batches,
+    cfg: SAEConfig,
+    start: SparseAutoencoder | None = None,
+    progress: str | None = None,
+) -> tuple[SparseAutoencoder, list[dict]]:
+    """Train an SAE on `cfg.hook_name`'s activations over `windows` (from `start`'s weights if given, else fresh).
+    Returns it with the scaling folded in (it takes raw activations), and a log row every 50 steps."""
+    check_hook(model, cfg.hook_name)
+    stream = ActivationStream(model, cfg.hook_name, windows, cfg)
+    scale = input_scale(stream.buffer)
+    sae = SparseAutoencoder(cfg)
+    if start is None:
+        sae.initialise(stream.buffer * scale)
+    else:
+        sae.load_state_dict(start.rescaled(scale).state_dict())
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
+    n_steps = max(1, cfg.tokens // cfg.batch_tokens)
+    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
+    log = []
+    for step in tqdm(range(n_steps), desc=progress or "sae", disable=progress is None, dynamic_ncols=True):
+        x = next(stream) * scale
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, n_steps // 20))
+        loss, parts, fired = losses(sae, x, since_fired >= cfg.dead_tokens, l1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        constrain_decoder(sae)
+        opt.step()
+        with torch.no_grad():
+            sae.W_dec.copy_(F.normalize(sae.W_dec, dim=-1))
+        since_fired = torch.where(fired, 0, since_fired + len(x))
+        if step % 50 == 0 or step == n_steps - 1:
+            log.append({"step": step, "tokens": (step + 1) * len(x), "loss": loss.item(), **parts})
+    return sae.rescaled(1 / scale), log
+
+
+@dataclass
+class SAEEval:
+    """SAELens's evaluation metrics over held-out tokens; `density` is each latent's fraction of active tokens."""
+
+    mse: float  # squared error summed over dimensions, mean over tokens
+    fvu: float  # fraction of variance unexplained: summed squared error / summed squared deviation from the mean
+    l0: float  # active latents per token
+    l1: float
+    dead: int  # latents never active on these tokens
+    dense: int  # latents active on more than 10% of them
+    ce_clean: float
+    ce_sae: float  # with the SAE's reconstruction spliced in at the hook
+    ce_zero: float  # with the hook zero-ablated
+    ce_recovered: float  # (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    tokens: int
+    density: list[float] = field(repr=False)
+
+
+class Totals:
+    """Running sums for SAEEval's reconstruction and sparsity metrics, batch by batch (the variance too: it is the
+    deviation from the mean over all tokens, not per batch)."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        self.n, self.sq, self.l0, self.l1 = 0, 0.0, 0.0, 0.0
+        self.x_sum, self.x_sq = torch.zeros(d_in, dtype=torch.float64), torch.zeros(d_in, dtype=torch.float64)
+        self.active = torch.zeros(d_sae, dtype=torch.float64)
+
+    def add(self, x: Float[Tensor, "n d_in"], f: Float[Tensor, "n d_sae"], x_hat: Float[Tensor, "n d_in"]) -> None:
+        x, f, x_hat = x.double().cpu(), f.double().cpu(), x_hat.double().cpu()
+        self.n += len(x)
+        self.sq += float((x_hat - x).pow(2).sum())
+        self.l0 += float((f != 0).sum())
+        self.l1 += float(f.abs().sum())
+        self.x_sum += x.sum(0)
+        self.x_sq += x.pow(2).sum(0)
+        self.active += (f != 0).sum(0)
+
+    def metrics(self) -> dict:
+        variance = float((self.x_sq - self.x_sum.pow(2) / self.n).sum())
+        density = self.active / self.n
+        return {
+            "mse": self.sq / self.n,
+            "fvu": self.sq / variance,
+            "l0": self.l0 / self.n,
+            "l1": self.l1 / self.n,
+            "dead": int((density == 0).sum()),
+            "dense": int((density > DENSE_FRACTION).sum()),
+            "tokens": self.n,
+            "density": density.tolist(),
+        }
+
+
+@torch.inference_mode()
+def evaluate_sae(model: HookedLlama, sae: SparseAutoencoder, windows: Batches, max_windows: int = 64) -> SAEEval:
+    """Reconstruction, sparsity and spliced-in language-model loss on up to `max_windows` windows, in order."""
+    hook = sae.cfg.hook_name
+    check_hook(model, hook)
+    totals = Totals(sae.cfg.d_in, sae.cfg.d_sae)
+    ce = dict.fromkeys(("ce_clean", "ce_sae", "ce_zero"), 0.0)
+    n_targets, last = 0, min(windows.n_windows, max_windows)
+    for start in range(0, last, windows.batch_size):
+        rows = windows.windows(range(start, min(last, start + windows.batch_size))).to(model.W_E.device)
+        tokens, targets = rows[:, :-1], rows[:, 1:].flatten()
+        x = activations(model, hook, tokens).flatten(0, 1)
+        f = sae.encode(x)
+        totals.add(x, f, sae.decode(f))
+        for key, hooks in (("ce_clean", []), ("ce_sae", [(hook, _splice(sae))]), ("ce_zero", [(hook, _zero)])):
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks).flatten(0, 1).float()
+            ce[key] += float(F.cross_entropy(logits, targets, reduction="sum"))
+        n_targets += len(targets)
+    ce = {key: value / n_targets for key, value in ce.items()}
+    gap = ce["ce_zero"] - ce["ce_clean"]
+    recovered = (ce["ce_zero"] - ce["ce_sae"]) / gap if gap else float("nan")
+    return SAEEval(**totals.metrics(), **ce, ce_recovered=recovered)
+
+
+def _splice(sae: SparseAutoencoder):
+    def hook(act: Tensor, hook) -> Tensor:
+        return sae(act.flatten(2).float()).view(act.shape).to(act.dtype)
+
+    return hook
+
+
+def _zero(act: Tensor, hook) -> Tensor:
+    return torch.zeros_like(act)
+
+
+def save_sae(sae: SparseAutoencoder, path: str | Path, evaluation: SAEEval | None = None, log: list | None = None):
+    """SAELens's layout, written atomically as one directory: cfg.json and sae_weights.safetensors (W_enc, b_enc,
+    W_dec, b_dec), with our evaluation (eval.json) and training log beside them."""
+    final = Path(path)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    weights = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
+    try:
+        with writing(final, sum(v.numel() * 4 for v in weights.values())):
+            tmp.mkdir(parents=True)
+            save_file(weights, tmp / WEIGHTS_FILE)
+            (tmp / CFG_FILE).write_text(json.dumps(sae.cfg.saelens(), indent=1) + "\n")
+            if evaluation is not None:
+                (tmp / EVAL_FILE).write_text(json.dumps(asdict(evaluation)) + "\n")
+            if log is not None:
+                (tmp / "training_log.json").write_text(json.dumps(log) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+
+def load_sae(path: str | Path) -> SparseAutoencoder:
+    """An SAE saved by `save_sae` (or any SAELens TopK / standard SAE directory of the same layout)."""
+    path = Path(path)
+    if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise SSLensError(f"{path} is not an SAE directory (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        cfg = json.loads((path / CFG_FILE).read_text())
+        weights = load_file(path / WEIGHTS_FILE)
+    except Exception as e:
+        raise SSLensError(f"{path}: unreadable SAE files ({str(e).splitlines()[0][:120]})") from None
+    try:
+        sae = SparseAutoencoder(SAEConfig.from_saelens(cfg))
+    except (KeyError, TypeError) as e:
+        raise SSLensError(f"{path}: {CFG_FILE} lacks a field SAELens writes ({e})") from None
+    try:
+        sae.load_state_dict(weights)
+    except RuntimeError as e:
+        raise SSLensError(f"{path}: weights do not match {CFG_FILE} ({str(e).splitlines()[0][:160]})") from None
+    return sae
+
+
+def read_eval(path: str | Path) -> SAEEval | None:
+    file = Path(path) / EVAL_FILE
+    return SAEEval(**json.loads(file.read_text())) if file.is_file() else None
+
+
+def sae_dir(path: str | Path, cfg: SAEConfig, step: int | None) -> Path:
+    """Where a model's SAE lives: MODEL/saes/HOOK/ARCH-WIDTH[-kK]/step_NNNNNNN (or .../final without steps)."""
+    name = f"{cfg.arch}-{cfg.d_sae}" + (f"-k{cfg.k}" if cfg.arch == "topk" else "")
+    return Path(path) / "saes" / cfg.hook_name / name / ("final" if step is None else f"step_{step:07d}")
+
+
+def sae_stories(path: str | Path, data: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training stories, held-out stories): a run's own split; for another model, `data`'s (default: synth)."""
+    record = read_split(path) if (Path(path) / "config.yaml").is_file() else None
+    if record is not None and data is None:
+        return training_stories(record), validation_stories(record)
+    source = data or training_data(path) or "synth"
+    return load_stories(source, "train"), load_stories(source, "test")
+
+
+def train_saes(
+    path: str | Path,
+    hook: str,
+    steps: Sequence[int] | str | None = None,
+    data: str | None = None,
+    out: str | Path | None = None,
+    progress: bool = False,
+    **settings,
+) -> list[Path]:
+    """An SAE on `hook` for each requested checkpoint of a run (see `requested_steps`), each warm-started from the
+    previous one, evaluated on held-out stories and saved (`sae_dir` under `out`, default the model's directory).
+    `settings` are SAEConfig fields."""
+    steps = requested_steps(path, steps, "train SAEs on")
+    train, val = sae_stories(path, data)
+    written, previous = [], None
+    for step in steps:
+        model = load_model(path, step).eval()
+        if model.tokenizer is None:
+            raise SSLensError(f"{path} has no tokenizer, so no stories can be encoded for its activations")
+        check_hook(model, hook)
+        cfg = SAEConfig(hook, feature_widths(model, [hook])[0], **settings)
+        cfg.model_name, cfg.step = str(path), model_step(path, step)
+        windows = Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD, seed=cfg.seed)
+        at = f" at step {cfg.step}" if cfg.step is not None else ""
+        sae, log = train_sae(model, windows, cfg, previous, progress=f"SAE on {hook}{at}" if progress else None)
+        held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD)
+        target = sae_dir(out or path, cfg, cfg.step)
+        save_sae(sae, target, evaluate_sae(model, sae, held_out), log)
+        written.append(target)
+        previous = sae
+    return written

@@ -1,0 +1,233 @@
+"""Sparse autoencoders: the metrics against hand computations, the architectures' maths, training on a trained tiny
+run, SAELens's on-disk layout, and the one-line refusals."""
+
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sslens import SSLensError
+from sslens.checkpoint import load_model
+from sslens.cli import main
+from sslens.data import Batches, tokenize
+from sslens.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    Totals,
+    evaluate_sae,
+    geometric_median,
+    load_sae,
+    read_eval,
+    sae_dir,
+    sae_stories,
+    save_sae,
+    train_sae,
+    train_saes,
+)
+
+
+def identity_sae(d_in: int, arch: str = "relu") -> SparseAutoencoder:
+    """Latents x+ and x- (2 d_in of them) and their difference back: an exact reconstruction, at most d_in active."""
+    sae = SparseAutoencoder(SAEConfig("blocks.0.hook_resid_post", d_in, 2 * d_in, arch, k=d_in))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+    return sae
+
+
+def test_totals_match_a_hand_computation():
+    """Two batches, two dimensions, three latents. Squared errors 1, 0, 4 (mse 5/3); the inputs' mean is (1, 1) and
+    their squared deviations sum to 2 + 2 + 0 = 4, so fvu = 5/4; active latents per token 2, 1, 0 (l0 1); l1
+    (3 + 1 + 2) / 3 = 2; latent 2 never fires (dead); latents 0 and 1 fire on 1/3 and 2/3 of tokens (dense)."""
+    x1, f1, xh1 = torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, -1.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    x2 = torch.tensor([[2.0, 2.0], [1.0, 1.0]])
+    f2, xh2 = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]), torch.tensor([[2.0, 2.0], [1.0, 3.0]])
+    totals = Totals(2, 3)
+    totals.add(x1, f1, xh1)
+    totals.add(x2, f2, xh2)
+    m = totals.metrics()
+    assert m["mse"] == pytest.approx(5 / 3) and m["fvu"] == pytest.approx(5 / 4)
+    assert m["l0"] == pytest.approx(1.0) and m["l1"] == pytest.approx(2.0)
+    assert (m["dead"], m["dense"], m["tokens"]) == (1, 2, 3)
+    assert m["density"] == pytest.approx([1 / 3, 2 / 3, 0.0])
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_an_exact_sae_recovers_all_the_loss_and_a_zero_one_none(tiny_run, arch):
+    """Spliced in, a perfect reconstruction leaves the model's loss unchanged (recovered 1, fvu 0); a decoder of
+    zeros is the zero ablation (recovered 0, fvu 1)."""
+    model = load_model(tiny_run).eval()
+    _, val = sae_stories(tiny_run)
+    windows = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, 8)
+    exact = identity_sae(model.cfg.d_model, arch)
+    result = evaluate_sae(model, exact, windows, max_windows=16)
+    assert result.fvu < 1e-10 and result.ce_sae == pytest.approx(result.ce_clean, abs=1e-5)
+    assert result.ce_recovered == pytest.approx(1.0, abs=1e-4) and result.ce_zero > result.ce_clean + 0.5
+    assert result.l0 <= model.cfg.d_model and result.tokens == 16 * model.cfg.n_ctx
+    with torch.no_grad():
+        exact.W_dec.zero_()
+    zero = evaluate_sae(model, exact, windows, max_windows=16)
+    assert zero.ce_sae == pytest.approx(zero.ce_zero, abs=1e-5) and zero.ce_recovered == pytest.approx(0.0, abs=1e-4)
+    assert zero.fvu >= 1  # sum of x^2 over sum of (x - mean)^2
+
+
+def test_topk_keeps_the_k_largest_pre_activations_through_a_relu():
+    sae = SparseAutoencoder(SAEConfig("h", 2, 4, "topk", k=2))
+    pre = torch.tensor([[3.0, -1.0, 0.5, 2.0], [-3.0, -2.0, -1.0, 1.0]])
+    assert torch.equal(sae.activate(pre), torch.tensor([[3.0, 0.0, 0.0, 2.0], [0.0, 0.0, 0.0, 1.0]]))
+
+
+def test_geometric_median_of_a_point_set_with_an_outlier():
+    """Four corners of a square and one far outlier: the median stays near the square, the mean does not."""
+    points = torch.tensor([[0.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 2.0], [1.0, 1.0], [100.0, 100.0]])
+    assert torch.allclose(geometric_median(points), torch.tensor([1.0, 1.0]), atol=0.05)
+
+
+def test_training_reconstructs_held_out_activations(tiny_run):
+    """A TopK SAE on a trained tiny run's residual stream: unit-norm decoder rows (before folding the input scale),
+    most variance explained, most of the loss recovered, few dead latents; the ReLU one trains too."""
+    model = load_model(tiny_run).eval()
+    train, val = sae_stories(tiny_run)
+    held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, 8)
+    cfg = SAEConfig("blocks.1.hook_resid_post", 64, 256, k=8, tokens=200_000, batch_tokens=1024, warmup_steps=20)
+    sae, log = train_sae(model, Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, 8), cfg)
+    norms = sae.W_dec.norm(dim=-1)
+    assert torch.allclose(norms, norms[0].expand_as(norms), rtol=1e-4)  # all one norm: 1 / the input scale
+    result = evaluate_sae(model, sae, held_out, max_windows=32)
+    assert result.l0 == pytest.approx(8, abs=0.01) and result.fvu < 0.2 and result.ce_recovered > 0.8
+    assert result.dead < 256 // 4 and log[-1]["mse"] < log[0]["mse"] / 3
+    relu_cfg = SAEConfig(cfg.hook_name, 64, 256, "relu", tokens=100_000, batch_tokens=1024, warmup_steps=20)
+    relu, _ = train_sae(model, Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, 8), relu_cfg)
+    relu_result = evaluate_sae(model, relu, held_out, max_windows=32)
+    assert relu_result.fvu < 0.5 and relu_result.l0 < 256 / 2
+
+
+def test_saved_in_saelens_layout_and_read_back(tmp_path):
+    sae = identity_sae(4, "topk")
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    target = tmp_path / "sae"
+    save_sae(sae, target)
+    cfg = json.loads((target / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (4, 8, 4)
+    assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
+    weights = load_file(target / "sae_weights.safetensors")
+    assert {k: tuple(v.shape) for k, v in weights.items()} == {
+        "W_enc": (4, 8),
+        "b_enc": (8,),
+        "W_dec": (8, 4),
+        "b_dec": (4,),
+    }
+    again = load_sae(target)
+    x = torch.randn(5, 4)
+    assert torch.equal(again.encode(x), sae.encode(x)) and again.cfg == sae.cfg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temporary directory left behind
+
+
+def test_sslens_sae_over_checkpoints(tiny_run, tmp_path):
+    """The command: an SAE per requested checkpoint, each with its evaluation beside it, the second warm-started."""
+    main(
+        ["sae", str(tiny_run), "--hook", "blocks.0.hook_resid_post", "--width", "128", "--k", "4"]
+        + ["--tokens", "20000", "--steps", "256,300", "--out", str(tmp_path)]
+    )
+    cfg = SAEConfig("blocks.0.hook_resid_post", 64, 128, k=4)
+    for step in (256, 300):
+        path = sae_dir(tmp_path, cfg, step)
+        assert load_sae(path).cfg.step == step and read_eval(path).tokens > 0
+
+
+def test_bad_sae_settings_are_one_line(tiny_run, capsys):
+    for settings, message in [
+        ({"k": 128}, "k must be between 1 and the width - 1 (127), got 128"),
+        ({"d_sae": 0}, "the SAE width must be positive, got 0"),
+        ({"arch": "gated"}, "unknown SAE architecture 'gated'; architectures: topk, relu"),
+    ]:
+        with pytest.raises(SSLensError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            SAEConfig("h", 64, **({"d_sae": 128} | settings))
+    with pytest.raises(SystemExit) as exit_:
+        main(["sae", str(tiny_run), "--hook", "blocks.7.hook_resid_post"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sslens: ") and "has no hook 'blocks.7.hook_resid_post'" in err and "\n" not in err
+    with pytest.raises(SSLensError, match="not an SAE directory"):
+        load_sae(tiny_run)
+    with pytest.raises(SSLensError, match="has no checkpoint at step 5"):
+        train_saes(tiny_run, "blocks.0.hook_resid_post", [5])
+
+
+SAELENS_SCRIPT = """
+import sys
+from safetensors.torch import load_file, save_file
+from sae_lens import SAE
+
+root, out = sys.argv[1], {}
+inputs = load_file(f"{root}/inputs.safetensors")
+for name, x in inputs.items():
+    sae = SAE.load_from_disk(f"{root}/{name}", device="cpu")
+    f = sae.encode(x)
+    out[f"{name}.f"], out[f"{name}.x_hat"] = f.contiguous(), sae.decode(f).contiguous()
+    print(name, type(sae).__name__)
+save_file(out, f"{root}/saelens.safetensors")
+"""
+
+
+@pytest.fixture(scope="session")
+def saelens_python(tmp_path_factory) -> str:
+    """A virtual environment where SAELens installs (its releases pin transformer-lens < 4, ours is 4): its own
+    packages first, then ours through a .pth file, so torch is reused (a constraint keeps pip from fetching
+    another). Skips, saying why, where it cannot be built (no network to PyPI, say)."""
+    root = tmp_path_factory.mktemp("saelens")
+    python, ours = root / "venv" / "bin" / "python", sysconfig.get_paths()["purelib"]
+    steps = [
+        [sys.executable, "-m", "venv", str(root / "venv")],
+        [str(python), "-c", f"import site; open(site.getsitepackages()[0] + '/zz_sslens.pth', 'w').write({ours!r})"],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "sae-lens", "-c", str(root / "c")],
+    ]
+    (root / "c").write_text(f"torch=={torch.__version__}\n")
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["no message"])[-1][:300]
+            pytest.skip(f"no environment with SAELens could be built here ({' '.join(step[1:4])}: {why})")
+    return str(python)
+
+
+@pytest.mark.slow
+def test_saelens_reads_our_files_and_computes_what_we_do(saelens_python, tmp_path):
+    """SAELens's own loader on our directories (TopK; ReLU, its "standard"; a hook_z SAE, which it reshapes per
+    head), with a nonzero encoder bias and a decoder off unit norm (as saved after folding the input scale): its
+    encode and decode equal ours."""
+    gen = torch.Generator().manual_seed(0)
+    cases = {
+        "topk": ("blocks.1.hook_resid_post", "topk", (64,)),
+        "relu": ("blocks.1.hook_mlp_out", "relu", (64,)),
+        "hook_z": ("blocks.0.attn.hook_z", "topk", (4, 16)),
+    }
+    inputs, ours = {}, {}
+    for name, (hook, arch, shape) in cases.items():
+        x = torch.randn(32, math.prod(shape), generator=gen) * 3
+        sae = SparseAutoencoder(SAEConfig(hook, x.shape[1], 256, arch, k=8, model_name="tiny"))
+        sae.initialise(x)
+        with torch.no_grad():
+            sae.b_enc.copy_(torch.randn(256, generator=gen) * 0.1)
+        sae = sae.rescaled(0.5)
+        save_sae(sae, tmp_path / name)
+        inputs[name], ours[name] = x.view(32, *shape), (sae.encode(x), sae(x).view(32, *shape))
+    save_file(inputs, tmp_path / "inputs.safetensors")
+    done = subprocess.run(
+        [saelens_python, "-c", SAELENS_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["topk", "TopKSAE", "relu", "StandardSAE", "hook_z", "TopKSAE"]
+    theirs = load_file(tmp_path / "saelens.safetensors")
+    for name, (f, x_hat) in ours.items():
+        assert (f > 0).sum() > 0
+        assert torch.allclose(theirs[f"{name}.f"], f, atol=1e-5), name
+        assert torch.allclose(theirs[f"{name}.x_hat"], x_hat, atol=1e-5), name
