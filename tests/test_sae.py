@@ -174,6 +174,8 @@ for name, x in inputs.items():
     f = sae.encode(x)
     out[f"{name}.f"], out[f"{name}.x_hat"] = f.contiguous(), sae.decode(f).contiguous()
     print(name, type(sae).__name__)
+from importlib.metadata import version
+print("versions", f"sae_lens={version('sae-lens')},transformer_lens={version('transformer-lens')}")
 save_file(out, f"{root}/saelens.safetensors")
 """
 
@@ -225,7 +227,14 @@ def test_saelens_reads_our_files_and_computes_what_we_do(saelens_python, tmp_pat
         [saelens_python, "-c", SAELENS_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["topk", "TopKSAE", "relu", "StandardSAE", "hook_z", "TopKSAE"]
+    printed = done.stdout.split()
+    print(printed[-1])  # the versions, for the log
+    assert dict(zip(printed[::2], printed[1::2])) == {
+        "topk": "TopKSAE",
+        "relu": "StandardSAE",
+        "hook_z": "TopKSAE",
+        "versions": printed[-1],
+    }
     theirs = load_file(tmp_path / "saelens.safetensors")
     for name, (f, x_hat) in ours.items():
         assert (f > 0).sum() > 0
