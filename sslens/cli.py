@@ -232,7 +232,8 @@ def cmd_patch(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
-    from .sae import read_eval, train_saes
+    from .features import train_saes
+    from .sae import read_eval
 
     _no_extra(overrides)
     if args.step is not None and args.steps:
@@ -241,7 +242,7 @@ def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
     settings = {"d_sae": args.width, "k": args.k, "arch": args.arch, "tokens": args.tokens, "seed": args.seed}
     if args.l1 is not None:
         settings["l1_coefficient"] = args.l1
-    paths = train_saes(args.model, args.hook, steps, args.data, args.out, progress=True, **settings)
+    paths = train_saes(args.model, args.hook, steps, args.data, args.out, True, args.name_stories, **settings)
     print("| SAE | mse | fvu | L0 | dead | dense | CE loss recovered |")
     print("|---|---|---|---|---|---|---|")
     for path in paths:
@@ -274,10 +275,11 @@ def interactive(model, settings: dict, generator) -> None:
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .config import ModelConfig, load_train_config, settable_fields
-    from .train import fine_tuning_config, train
 
     values = parse_overrides(overrides)
     model_cfg, cfg = load_train_config(args.config, **values)
+    from .train import fine_tuning_config, train  # after the config is checked: its errors come at once, not in 3 s
+
     if cfg.init_from:  # the source's shape, with the model keys given on the command line
         model_keys = {f.name for f in settable_fields(ModelConfig)}
         model_cfg = fine_tuning_config(cfg, **{k: v for k, v in values.items() if k in model_keys})
@@ -528,6 +530,7 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--steps", help="'all' or steps like 0,64,1024: one SAE per checkpoint, warm-started")
     sa.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     sa.add_argument("--seed", type=int, default=0, help="initialisation, window order and shuffling")
+    sa.add_argument("--name_stories", type=int, default=CARD_PROBE_STORIES, help="labelled stories to name latents")
     sa.add_argument("--out", metavar="DIR", help="root of the saes/ tree (default: the model's directory)")
     sa.set_defaults(run=cmd_sae)
     b = sub.add_parser(

@@ -23,11 +23,10 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -35,17 +34,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoint import load_model, read_split, requested_steps
-from .data import Batches, load_stories, tokenize, training_stories, validation_stories
+from .data import Batches
 from .errors import SSLensError
 from .fileio import writing
 from .model import HookedLlama
-from .probe import feature_widths, training_data
-from .runcard import model_step
 
 ARCHS = ("topk", "relu")
 CFG_FILE, WEIGHTS_FILE, EVAL_FILE = "cfg.json", "sae_weights.safetensors", "eval.json"
-WINDOWS_PER_FORWARD = 16
 DENSE_FRACTION = 0.1  # a latent active on more than this fraction of tokens is "dense" (SAELens's threshold)
 
 
@@ -197,10 +192,15 @@ def check_hook(model: HookedLlama, hook: str) -> None:
 
 
 @torch.inference_mode()
-def activations(model: HookedLlama, hook: str, tokens: Tensor) -> Float[Tensor, "batch pos d_in"]:
-    """`hook`'s activations on a batch of token windows, from a forward that stops after the hook's block."""
+def activations(
+    model: HookedLlama, hook: str, tokens: Tensor, attention_mask: Tensor | None = None
+) -> Float[Tensor, "batch pos d_in"]:
+    """`hook`'s activations on a batch of token windows (or left-padded stories, with their attention mask), from
+    a forward that stops after the hook's block."""
+    device = model.W_E.device
     _, cache = model.run_with_cache(
-        tokens.to(model.W_E.device),
+        tokens.to(device),
+        attention_mask=None if attention_mask is None else attention_mask.to(device),
         names_filter=[hook],
         return_type=None,
         stop_at_layer=hook_layer(model, hook),
@@ -462,51 +462,3 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
 def read_eval(path: str | Path) -> SAEEval | None:
     file = Path(path) / EVAL_FILE
     return SAEEval(**json.loads(file.read_text())) if file.is_file() else None
-
-
-def sae_dir(path: str | Path, cfg: SAEConfig, step: int | None) -> Path:
-    """Where a model's SAE lives: MODEL/saes/HOOK/ARCH-WIDTH[-kK]/step_NNNNNNN (or .../final without steps)."""
-    name = f"{cfg.arch}-{cfg.d_sae}" + (f"-k{cfg.k}" if cfg.arch == "topk" else "")
-    return Path(path) / "saes" / cfg.hook_name / name / ("final" if step is None else f"step_{step:07d}")
-
-
-def sae_stories(path: str | Path, data: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(training stories, held-out stories): a run's own split; for another model, `data`'s (default: synth)."""
-    record = read_split(path) if (Path(path) / "config.yaml").is_file() else None
-    if record is not None and data is None:
-        return training_stories(record), validation_stories(record)
-    source = data or training_data(path) or "synth"
-    return load_stories(source, "train"), load_stories(source, "test")
-
-
-def train_saes(
-    path: str | Path,
-    hook: str,
-    steps: Sequence[int] | str | None = None,
-    data: str | None = None,
-    out: str | Path | None = None,
-    progress: bool = False,
-    **settings,
-) -> list[Path]:
-    """An SAE on `hook` for each requested checkpoint of a run (see `requested_steps`), each warm-started from the
-    previous one, evaluated on held-out stories and saved (`sae_dir` under `out`, default the model's directory).
-    `settings` are SAEConfig fields."""
-    steps = requested_steps(path, steps, "train SAEs on")
-    train, val = sae_stories(path, data)
-    written, previous = [], None
-    for step in steps:
-        model = load_model(path, step).eval()
-        if model.tokenizer is None:
-            raise SSLensError(f"{path} has no tokenizer, so no stories can be encoded for its activations")
-        check_hook(model, hook)
-        cfg = SAEConfig(hook, feature_widths(model, [hook])[0], **settings)
-        cfg.model_name, cfg.step = str(path), model_step(path, step)
-        windows = Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD, seed=cfg.seed)
-        at = f" at step {cfg.step}" if cfg.step is not None else ""
-        sae, log = train_sae(model, windows, cfg, previous, progress=f"SAE on {hook}{at}" if progress else None)
-        held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD)
-        target = sae_dir(out or path, cfg, cfg.step)
-        save_sae(sae, target, evaluate_sae(model, sae, held_out), log)
-        written.append(target)
-        previous = sae
-    return written

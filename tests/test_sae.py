@@ -7,6 +7,7 @@ import subprocess
 import sys
 import sysconfig
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,6 +16,7 @@ from sslens import SSLensError
 from sslens.checkpoint import load_model
 from sslens.cli import main
 from sslens.data import Batches, tokenize
+from sslens.features import sae_dir, sae_stories, train_saes
 from sslens.sae import (
     SAEConfig,
     SparseAutoencoder,
@@ -23,11 +25,8 @@ from sslens.sae import (
     geometric_median,
     load_sae,
     read_eval,
-    sae_dir,
-    sae_stories,
     save_sae,
     train_sae,
-    train_saes,
 )
 
 
@@ -135,12 +134,15 @@ def test_sslens_sae_over_checkpoints(tiny_run, tmp_path):
     """The command: an SAE per requested checkpoint, each with its evaluation beside it, the second warm-started."""
     main(
         ["sae", str(tiny_run), "--hook", "blocks.0.hook_resid_post", "--width", "128", "--k", "4"]
-        + ["--tokens", "20000", "--steps", "256,300", "--out", str(tmp_path)]
+        + ["--tokens", "20000", "--steps", "256,300", "--name_stories", "300", "--out", str(tmp_path)]
     )
     cfg = SAEConfig("blocks.0.hook_resid_post", 64, 128, k=4)
     for step in (256, 300):
         path = sae_dir(tmp_path, cfg, step)
         assert load_sae(path).cfg.step == step and read_eval(path).tokens > 0
+        values, latents = pd.read_csv(path / "values.csv"), pd.read_csv(path / "latents.csv")
+        assert {"theme", "topic", "style"} <= set(values["label"]) and len(latents) == 128
+        assert values["auroc"].between(0.5, 1).all() and values["latent"].between(0, 127).all()
 
 
 def test_bad_sae_settings_are_one_line(tiny_run, capsys):
