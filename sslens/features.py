@@ -9,6 +9,7 @@ AUROC = (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from scipy.stats import rankdata
 
 from .checkpoint import load_model, read_split, requested_steps
@@ -38,10 +39,13 @@ MIN_STORIES_PER_VALUE = 5  # fewer positives make an AUROC of 1 a matter of luck
 
 @dataclass
 class StoryActivations:
-    """Per story and latent: the largest and the mean activation over the story's tokens."""
+    """Per story and latent: the largest and the mean activation over the story's tokens, and where the largest is
+    (the token's index in the story); `tokens` are the stories' token ids."""
 
     max: Float[np.ndarray, "story latent"]
     mean: Float[np.ndarray, "story latent"]
+    argmax: Int[np.ndarray, "story latent"]
+    tokens: list[list[int]]
 
 
 @torch.inference_mode()
@@ -52,15 +56,35 @@ def story_activations(
     tokens = story_tokens(model, stories)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     top = np.zeros((len(tokens), sae.cfg.d_sae), np.float32)
-    mean = np.zeros_like(top)
+    mean, where = np.zeros_like(top), np.zeros(top.shape, np.int32)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = left_pad([tokens[i] for i in rows], pad=0)
         f = sae.encode(activations(model, sae.cfg.hook_name, ids, mask))  # [batch, pos, d_sae]
         real = mask.to(f.device)[..., None].bool()
-        top[rows] = f.masked_fill(~real, 0).amax(1).cpu().numpy()
-        mean[rows] = ((f * real).sum(1) / real.sum(1)).cpu().numpy()
-    return StoryActivations(top, mean)
+        best, at = f.masked_fill(~real, -1.0).max(1)  # padding below any activation (they are >= 0)
+        top[rows], mean[rows] = best.cpu().numpy(), ((f * real).sum(1) / real.sum(1)).cpu().numpy()
+        where[rows] = (at - (~real[:, :, 0]).sum(1, keepdim=True)).cpu().numpy()  # index in the story, not the row
+    return StoryActivations(top, mean, where, tokens)
+
+
+def top_contexts(
+    acts: StoryActivations, tokenizer, latent: int, n: int = 5, before: int = 12, after: int = 3
+) -> list[dict]:
+    """The `n` stories where `latent` is largest (if it fires there at all): the story, the token and its position,
+    the activation, and the text around it with the token in [[ ]]."""
+    out = []
+    for story in np.argsort(-acts.max[:, latent], kind="stable")[:n]:
+        value = float(acts.max[story, latent])
+        if value <= 0:
+            break
+        ids, at = acts.tokens[story], int(acts.argmax[story, latent])
+        text = " ".join(
+            [tokenizer.decode(ids[max(0, at - before) : at]), f"[[{tokenizer.id_to_token(ids[at])}]]"]
+            + [tokenizer.decode(ids[at + 1 : at + 1 + after])]
+        )
+        out.append({"story": int(story), "position": at, "activation": value, "context": text.strip()})
+    return out
 
 
 def auroc(scores: Float[np.ndarray, "story latent"], positive: np.ndarray) -> Float[np.ndarray, "value latent"]:
@@ -180,8 +204,9 @@ def train_saes(
 
 
 def name_latents(model: HookedLlama, sae: SparseAutoencoder, stories: datasets.Dataset, target: Path) -> str | None:
-    """Write `latents.csv` and `values.csv` (see `latent_table`, `value_table`) into an SAE's directory; without
-    label columns, say so in one line and write nothing."""
+    """Write `latents.csv`, `values.csv` (see `latent_table`, `value_table`) and `contexts.json` (each latent that
+    fires: its top stories, `top_contexts`) into an SAE's directory; without label columns, say so in one line and
+    write nothing."""
     labels = {label: stories[label] for label in LABELS if label in stories.column_names}
     if not labels:
         note = f"sslens: note: the stories have no label columns ({', '.join(LABELS)}), so latents are not named"
@@ -190,4 +215,6 @@ def name_latents(model: HookedLlama, sae: SparseAutoencoder, stories: datasets.D
     acts = story_activations(model, sae, stories["story"])
     atomic_write_text(target / "latents.csv", latent_table(acts, labels).to_csv(index=False))
     atomic_write_text(target / "values.csv", value_table(acts, labels).to_csv(index=False))
+    contexts = {latent: top_contexts(acts, model.tokenizer, latent) for latent in range(sae.cfg.d_sae)}
+    atomic_write_text(target / "contexts.json", json.dumps({k: v for k, v in contexts.items() if v}) + "\n")
     return None

@@ -8,7 +8,15 @@ from sklearn.metrics import roc_auc_score
 
 from sslens import SSLensError
 from sslens.checkpoint import load_model
-from sslens.features import StoryActivations, auroc, latent_table, sae_stories, story_activations, value_table
+from sslens.features import (
+    StoryActivations,
+    auroc,
+    latent_table,
+    sae_stories,
+    story_activations,
+    top_contexts,
+    value_table,
+)
 from sslens.sae import SAEConfig, SparseAutoencoder, activations
 
 
@@ -30,7 +38,7 @@ def test_a_planted_latent_is_found_and_named():
     persona = [""] * 22
     acts = rng.random((22, 4)).astype(np.float32) * 0.5
     acts[:10, 2] += 1.0
-    story = StoryActivations(acts, acts / 2)
+    story = StoryActivations(acts, acts / 2, np.zeros(acts.shape, np.int32), [[1]] * 22)
     values = value_table(story, {"theme": theme, "persona": persona})
     assert list(values["value"]) == ["courage", "kindness"] or list(values["value"]) == ["kindness", "courage"]
     row = values.set_index("value").loc["courage"]
@@ -54,3 +62,13 @@ def test_story_pooling_over_padded_batches_equals_one_story_at_a_time(tiny_run):
             f = sae.encode(activations(model, sae.cfg.hook_name, ids))[0]
         assert np.allclose(pooled.max[i], f.amax(0).numpy(), atol=1e-4)
         assert np.allclose(pooled.mean[i], f.mean(0).numpy(), atol=1e-4)
+        at_argmax = f[torch.from_numpy(pooled.argmax[i]).long(), torch.arange(96)]  # where the batch found the max
+        assert np.allclose(at_argmax.numpy(), f.amax(0).numpy(), atol=1e-4)
+    latent = int(pooled.max.max(0).argmax())
+    contexts = top_contexts(pooled, model.tokenizer, latent, n=4)
+    assert 0 < len(contexts) <= 4 and [c["activation"] for c in contexts] == sorted(
+        (c["activation"] for c in contexts), reverse=True
+    )
+    for c in contexts:
+        token = model.tokenizer.id_to_token(pooled.tokens[c["story"]][c["position"]])
+        assert f"[[{token}]]" in c["context"] and c["activation"] == pytest.approx(pooled.max[c["story"], latent])

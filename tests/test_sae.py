@@ -143,6 +143,8 @@ def test_sslens_sae_over_checkpoints(tiny_run, tmp_path):
         values, latents = pd.read_csv(path / "values.csv"), pd.read_csv(path / "latents.csv")
         assert {"theme", "topic", "style"} <= set(values["label"]) and len(latents) == 128
         assert values["auroc"].between(0.5, 1).all() and values["latent"].between(0, 127).all()
+        contexts = json.loads((path / "contexts.json").read_text())
+        assert contexts and all(0 < len(c) <= 5 and "[[" in c[0]["context"] for c in contexts.values())
 
 
 def test_bad_sae_settings_are_one_line(tiny_run, capsys):
