@@ -11,7 +11,6 @@ import io
 import json
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from safetensors.torch import save as save_tensors
 
 from .config import ModelConfig, settable_fields
 from .errors import SSLensError
-from .fileio import atomic_write_text, writing
+from .fileio import atomic_directory, atomic_write_text
 from .model import HookedLlama
 from .tokenizer import load_tokenizer
 
@@ -79,30 +78,16 @@ def requested_steps(path: str | Path, steps: Sequence[int] | str | None, purpose
 def save_checkpoint(run_dir: Path, step: int, model: HookedLlama, trainer_state: dict) -> Path:
     """Write step `step` atomically: files into a temporary directory, flushed, then one rename."""
     final = checkpoint_dir(run_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     # each file is serialised in memory, then written by plain writes: a full disk is then an OSError that
     # `writing` names (the serialisers' own file writers wrap it in errors of their own)
     weights = save_tensors(
         {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, metadata={"step": str(step)}
     )
-    try:
-        with writing(final, 3 * len(weights)):  # the weights, then AdamW's two moments
-            tmp.mkdir(parents=True)
-            _write_synced(tmp / "model.safetensors", weights)
-            state = io.BytesIO()
-            torch.save(trainer_state, state)
-            _write_synced(tmp / "trainer.pt", state.getbuffer())
-    except BaseException:  # a full disk gets its room back; a kill would leave it to the next start
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # re-saving a step (a resumed run passing it again): set the old copy aside, then delete it
-        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
+    with atomic_directory(final, 3 * len(weights)) as tmp:  # the weights, then AdamW's two moments
+        _write_synced(tmp / "model.safetensors", weights)
+        state = io.BytesIO()
+        torch.save(trainer_state, state)
+        _write_synced(tmp / "trainer.pt", state.getbuffer())
     return final
 
 

@@ -113,3 +113,28 @@ def writing(path: Path, need: int | None = None) -> Iterator[None]:
             f"the disk is full: writing {path} {needs} and {mib(free_bytes(path))} is free; "
             "free some space or choose another directory"
         ) from None
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, need: int | None = None) -> Iterator[Path]:
+    """Fill a temporary directory beside `final` (yielded), then put it in place with renames: `final` is the old
+    directory or the complete new one, never half-written or missing. A failure (a full disk, named by `writing`)
+    removes the temporary directory; one a killed writer left is removed by the next writer of `final`."""
+    for leftover in [*final.parent.glob(f".tmp-{final.name}-*"), *final.parent.glob(f".tmp-old-{final.name}-*")]:
+        if not _alive(int(leftover.name.rsplit("-", 1)[1])) or leftover.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        with writing(final, need):
+            tmp.mkdir(parents=True)
+            yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # replacing: set the old copy aside, put the new one in place, then delete the old
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)

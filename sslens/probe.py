@@ -86,6 +86,14 @@ def resolve_hooks(model: HookedLlama, patterns: Sequence[str]) -> list[str]:
     return names
 
 
+def stop_layer(hooks: Sequence[str]) -> int | None:
+    """How many blocks a forward must run to reach every hook in `hooks` (None: the whole model)."""
+    layers = [
+        int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", h)) else None if h == "hook_embed" else -1 for h in hooks
+    ]
+    return None if -1 in layers else max((l + 1 for l in layers if l is not None), default=0)
+
+
 def story_tokens(model: HookedLlama, stories: Sequence[str]) -> list[list[int]]:
     """Each story's token ids without [EOS], cut to the model's context (so a longer story is probed on its first
     n_ctx tokens: its mean, or its n_ctx-th token for pool="last")."""
@@ -115,10 +123,7 @@ def harvest(
     logits)`, if given, also receives each batch's story indices and left-padded logits (from the same forward)."""
     check_harvest(pool, batch_size)
     hooks = list(hooks)
-    layers = [
-        int(m.group(1)) if (m := re.match(r"blocks\.(\d+)\.", h)) else None if h == "hook_embed" else -1 for h in hooks
-    ]
-    stop = None if -1 in layers or on_logits else max((l + 1 for l in layers if l is not None), default=0)
+    stop = None if on_logits else stop_layer(hooks)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     out: dict[str, np.ndarray] = {}
     device = model.W_E.device

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,8 +33,9 @@ from tqdm import tqdm
 
 from .data import Batches
 from .errors import SSLensError
-from .fileio import writing
+from .fileio import atomic_directory
 from .model import HookedLlama
+from .probe import resolve_hooks, stop_layer
 
 ARCHS = ("topk", "relu")
 CFG_FILE, WEIGHTS_FILE, EVAL_FILE = "cfg.json", "sae_weights.safetensors", "eval.json"
@@ -174,21 +172,15 @@ def geometric_median(points: Float[Tensor, "n d"], iterations: int = 50) -> Floa
     return median
 
 
-def hook_layer(model: HookedLlama, hook: str) -> int | None:
-    """The number of blocks a forward must run to reach `hook` (None: the whole model)."""
-    if hook == "hook_embed":
-        return 0
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    return int(m.group(1)) + 1 if m else None
-
-
 def check_hook(model: HookedLlama, hook: str) -> None:
+    """`hook` is one of the model's, and one with a vector per token (as `resolve_hooks` requires)."""
     if hook not in model.hook_dict:
         near = [h for h in model.hook_dict if h.endswith(hook.rsplit(".", 1)[-1])][:6]
         raise SSLensError(
             f"{model.cfg.model_name or 'the model'} has no hook {hook!r}"
             + (f"; hooks with that name: {', '.join(near)}" if near else "; see model.hook_dict")
         )
+    resolve_hooks(model, [hook])
 
 
 @torch.inference_mode()
@@ -203,7 +195,7 @@ def activations(
         attention_mask=None if attention_mask is None else attention_mask.to(device),
         names_filter=[hook],
         return_type=None,
-        stop_at_layer=hook_layer(model, hook),
+        stop_at_layer=stop_layer([hook]),
         return_cache_object=False,
     )
     return cache[hook].flatten(2).float()
@@ -390,11 +382,12 @@ def evaluate_sae(model: HookedLlama, sae: SparseAutoencoder, windows: Batches, m
     for start in range(0, last, windows.batch_size):
         rows = windows.windows(range(start, min(last, start + windows.batch_size))).to(model.W_E.device)
         tokens, targets = rows[:, :-1], rows[:, 1:].flatten()
-        x = activations(model, hook, tokens).flatten(0, 1)
+        clean, cache = model.run_with_cache(tokens, names_filter=[hook], return_cache_object=False)
+        x = cache[hook].flatten(2).float().flatten(0, 1)
         f = sae.encode(x)
         totals.add(x, f, sae.decode(f))
-        for key, hooks in (("ce_clean", []), ("ce_sae", [(hook, _splice(sae))]), ("ce_zero", [(hook, _zero)])):
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks).flatten(0, 1).float()
+        for key, hooks in (("ce_clean", None), ("ce_sae", [(hook, _splice(sae))]), ("ce_zero", [(hook, _zero)])):
+            logits = (clean if hooks is None else model.run_with_hooks(tokens, fwd_hooks=hooks)).flatten(0, 1).float()
             ce[key] += float(F.cross_entropy(logits, targets, reduction="sum"))
         n_targets += len(targets)
     ce = {key: value / n_targets for key, value in ce.items()}
@@ -417,25 +410,14 @@ def _zero(act: Tensor, hook) -> Tensor:
 def save_sae(sae: SparseAutoencoder, path: str | Path, evaluation: SAEEval | None = None, log: list | None = None):
     """SAELens's layout, written atomically as one directory: cfg.json and sae_weights.safetensors (W_enc, b_enc,
     W_dec, b_dec), with our evaluation (eval.json) and training log beside them."""
-    final = Path(path)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}
-    try:
-        with writing(final, sum(v.numel() * 4 for v in weights.values())):
-            tmp.mkdir(parents=True)
-            save_file(weights, tmp / WEIGHTS_FILE)
-            (tmp / CFG_FILE).write_text(json.dumps(sae.cfg.saelens(), indent=1) + "\n")
-            if evaluation is not None:
-                (tmp / EVAL_FILE).write_text(json.dumps(asdict(evaluation)) + "\n")
-            if log is not None:
-                (tmp / "training_log.json").write_text(json.dumps(log) + "\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    with atomic_directory(Path(path), sum(v.numel() * 4 for v in weights.values())) as tmp:
+        save_file(weights, tmp / WEIGHTS_FILE)
+        (tmp / CFG_FILE).write_text(json.dumps(sae.cfg.saelens(), indent=1) + "\n")
+        if evaluation is not None:
+            (tmp / EVAL_FILE).write_text(json.dumps(asdict(evaluation)) + "\n")
+        if log is not None:
+            (tmp / "training_log.json").write_text(json.dumps(log) + "\n")
 
 
 def load_sae(path: str | Path) -> SparseAutoencoder:

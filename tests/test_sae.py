@@ -113,7 +113,9 @@ def test_saved_in_saelens_layout_and_read_back(tmp_path):
         sae.b_enc.normal_()
         sae.b_dec.normal_()
     target = tmp_path / "sae"
+    (tmp_path / ".tmp-sae-999999999").mkdir()  # what a killed writer (a process long gone) left behind
     save_sae(sae, target)
+    save_sae(sae, target)  # replaced whole
     cfg = json.loads((target / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and (cfg["d_in"], cfg["d_sae"], cfg["k"]) == (4, 8, 4)
     assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["apply_b_dec_to_input"] is True
