@@ -203,18 +203,19 @@ def train_saes(
     return written
 
 
-def name_latents(model: HookedLlama, sae: SparseAutoencoder, stories: datasets.Dataset, target: Path) -> str | None:
+def name_latents(model: HookedLlama, sae: SparseAutoencoder, stories: datasets.Dataset, target: Path) -> None:
     """Write `latents.csv`, `values.csv` (see `latent_table`, `value_table`) and `contexts.json` (each latent that
-    fires: its top stories, `top_contexts`) into an SAE's directory; without label columns, say so in one line and
-    write nothing."""
+    fires: its top stories, `top_contexts`) into an SAE's directory; without labels to name them by, say so in one
+    line and write nothing (the SAE itself is saved already)."""
     labels = {label: stories[label] for label in LABELS if label in stories.column_names}
-    if not labels:
-        note = f"sslens: note: the stories have no label columns ({', '.join(LABELS)}), so latents are not named"
-        print(note)
-        return note
+    if not any(True for _ in label_values(labels)):
+        print(
+            f"sslens: note: no label ({', '.join(LABELS)}) has a value held by {MIN_STORIES_PER_VALUE} of the "
+            f"{len(stories)} stories, so latents are not named"
+        )
+        return
     acts = story_activations(model, sae, stories["story"])
     atomic_write_text(target / "latents.csv", latent_table(acts, labels).to_csv(index=False))
     atomic_write_text(target / "values.csv", value_table(acts, labels).to_csv(index=False))
     contexts = {latent: top_contexts(acts, model.tokenizer, latent) for latent in range(sae.cfg.d_sae)}
     atomic_write_text(target / "contexts.json", json.dumps({k: v for k, v in contexts.items() if v}) + "\n")
-    return None

@@ -63,7 +63,6 @@ class SAEConfig:
     seed: int = 0
     model_name: str = ""
     step: int | None = None  # the model checkpoint's training step
-    extra: dict = field(default_factory=dict)  # what the caller records beside (data, tokens seen, ...)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

@@ -72,3 +72,15 @@ def test_story_pooling_over_padded_batches_equals_one_story_at_a_time(tiny_run):
     for c in contexts:
         token = model.tokenizer.id_to_token(pooled.tokens[c["story"]][c["position"]])
         assert f"[[{token}]]" in c["context"] and c["activation"] == pytest.approx(pooled.max[c["story"], latent])
+
+
+def test_stories_without_labels_are_noted_and_nothing_is_written(tiny_run, tmp_path, capsys):
+    import datasets
+
+    from sslens.features import name_latents
+
+    model = load_model(tiny_run).eval()
+    sae = SparseAutoencoder(SAEConfig("blocks.1.hook_resid_post", 64, 96, k=6))
+    name_latents(model, sae, datasets.Dataset.from_dict({"story": ["a cat sat.", "a dog ran."]}), tmp_path)
+    assert capsys.readouterr().out.strip().startswith("sslens: note: no label (theme, topic")
+    assert list(tmp_path.iterdir()) == []
