@@ -232,6 +232,9 @@ def cmd_patch(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
+    import pandas as pd
+
+    from .feature_steps import format_births
     from .features import train_saes
     from .sae import read_eval
 
@@ -242,12 +245,16 @@ def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
     settings = {"d_sae": args.width, "k": args.k, "arch": args.arch, "tokens": args.tokens, "seed": args.seed}
     if args.l1 is not None:
         settings["l1_coefficient"] = args.l1
-    paths = train_saes(args.model, args.hook, steps, args.data, args.out, True, args.name_stories, **settings)
+    paths = train_saes(
+        args.model, args.hook, steps, args.data, args.out, True, args.name_stories, not args.no_probes, **settings
+    )
     print("| SAE | mse | fvu | L0 | dead | dense | CE loss recovered |")
     print("|---|---|---|---|---|---|---|")
     for path in paths:
         e = read_eval(path)
         print(f"| {path} | {e.mse:.4g} | {e.fvu:.3f} | {e.l0:.1f} | {e.dead} | {e.dense} | {e.ce_recovered:.3f} |")
+    if (births := paths[0].parent / "births.csv").is_file():
+        print(format_births(pd.read_csv(births)) + f"\nwrote {births} and the rest of features across steps beside it")
 
 
 def interactive(model, settings: dict, generator) -> None:
@@ -531,6 +538,9 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     sa.add_argument("--seed", type=int, default=0, help="initialisation, window order and shuffling")
     sa.add_argument("--name_stories", type=int, default=CARD_PROBE_STORIES, help="labelled stories to name latents")
+    sa.add_argument(
+        "--no_probes", action="store_true", help="skip the linear probe per label beside the latents (~5 s a label)"
+    )
     sa.add_argument("--out", metavar="DIR", help="root of the saes/ tree (default: the model's directory)")
     sa.set_defaults(run=cmd_sae)
     b = sub.add_parser(

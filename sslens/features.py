@@ -5,11 +5,16 @@ A latent's score for a story is its largest activation over the story's tokens (
 separates a label value from the rest is the one-vs-rest AUROC of that score: the chance that a story with the
 value scores above one without it (ties count half). All latents and values are scored at once from ranks:
 AUROC = (sum of the positives' ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg), the Mann-Whitney U statistic.
+
+Per token, the embedded corpus's generator knows which words fill a slot (the hero's and the friend's name, the
+hero's pronoun, the object, the creature, the place): a latent's slot is the one that takes the largest share of its
+activation (summed over tokens), reported with that share and its lift (share / the slot's share of all tokens).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,45 +23,95 @@ import datasets
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
+from safetensors.torch import save as save_tensors
 from scipy.stats import rankdata
+from torch import Tensor
 
 from .checkpoint import load_model, read_split, requested_steps
 from .config import CARD_PROBE_STORIES
 from .data import Batches, load_stories, tokenize, training_stories, validation_stories
 from .errors import SSLensError
-from .fileio import atomic_write_text
+from .feature_steps import write_feature_steps
+from .fileio import atomic_write_bytes, atomic_write_text
 from .generate import left_pad
 from .model import HookedLlama
-from .probe import feature_widths, story_tokens, training_data
-from .runcard import eval_stories, model_step
-from .sae import SAEConfig, SparseAutoencoder, activations, check_hook, evaluate_sae, save_sae, train_sae
+from .probe import feature_widths, fit, harvest, majority_accuracy, split, story_tokens, training_data
+from .runcard import eval_stories, is_synth, model_step
+from .sae import (
+    WEIGHTS_FILE,
+    SAEConfig,
+    SparseAutoencoder,
+    activations,
+    check_hook,
+    evaluate_sae,
+    load_sae,
+    save_sae,
+    train_sae,
+)
+from .synth import story_cast
 
 LABELS = ("theme", "topic", "style", "feature", "grammar", "persona")
+SLOTS = ("hero", "friend", "pronoun", "object", "creature", "place")  # slot i + 1 in `token_slots`; 0: no slot
 WINDOWS_PER_FORWARD = 16
 MIN_STORIES_PER_VALUE = 5  # fewer positives make an AUROC of 1 a matter of luck
+HISTOGRAMS_FILE, HISTOGRAM_BINS = "histograms.safetensors", 24
 
 
 @dataclass
 class StoryActivations:
     """Per story and latent: the largest and the mean activation over the story's tokens, and where the largest is
-    (the token's index in the story); `tokens` are the stories' token ids."""
+    (the token's index in the story); `tokens` are the stories' token ids. With token slots: each latent's activation
+    summed over the tokens of each slot (row 0: tokens in no slot), and how many tokens each slot has."""
 
     max: Float[np.ndarray, "story latent"]
     mean: Float[np.ndarray, "story latent"]
     argmax: Int[np.ndarray, "story latent"]
     tokens: list[list[int]]
+    slot_mass: Float[np.ndarray, "slot latent"] | None = None
+    slot_tokens: Int[np.ndarray, " slot"] | None = None
+
+
+def slot_words(cast: dict[str, str]) -> dict[str, list[str]]:
+    """The words of a story that fill each slot, from its cast (`synth.story_cast`)."""
+    pronouns = [cast[k] for k in ("he", "him", "his", "He", "His")]
+    return {
+        "hero": [cast["hero"]],
+        "friend": [cast["friend"]],
+        "pronoun": pronouns,
+        "object": [cast["thing"].removeprefix("the ")],
+        "creature": [cast["creature"].removeprefix("the ")],
+        "place": [cast["place"].removeprefix("the ")],
+    }
+
+
+def token_slots(tokenizer, text: str, cast: dict[str, str], n_ctx: int) -> Int[np.ndarray, " pos"]:
+    """Per token of `text` (its first n_ctx): 1 + the index in SLOTS of the slot whose words it overlaps, or 0."""
+    offsets = np.asarray(tokenizer.encode(text, add_special_tokens=False).offsets[:n_ctx]).reshape(-1, 2)
+    out = np.zeros(len(offsets), np.int64)
+    for slot, words in enumerate(slot_words(cast).values(), 1):
+        for word in set(words):
+            for m in re.finditer(rf"\b{re.escape(word)}\b", text):
+                out[(offsets[:, 0] < m.end()) & (offsets[:, 1] > m.start())] = slot
+    return out
 
 
 @torch.inference_mode()
 def story_activations(
-    model: HookedLlama, sae: SparseAutoencoder, stories: Sequence[str], batch_size: int = 16
+    model: HookedLlama,
+    sae: SparseAutoencoder,
+    stories: Sequence[str],
+    batch_size: int = 16,
+    slots: Sequence[np.ndarray] | None = None,
 ) -> StoryActivations:
-    """Encode every token of each story (its first n_ctx) and pool each latent over the story."""
+    """Encode every token of each story (its first n_ctx) and pool each latent over the story; with `slots` (each
+    story's `token_slots`), also sum each latent over each slot's tokens."""
     tokens = story_tokens(model, stories)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     top = np.zeros((len(tokens), sae.cfg.d_sae), np.float32)
     mean, where = np.zeros_like(top), np.zeros(top.shape, np.int32)
+    mass = torch.zeros(len(SLOTS) + 1, sae.cfg.d_sae, dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = left_pad([tokens[i] for i in rows], pad=0)
@@ -65,7 +120,14 @@ def story_activations(
         best, at = f.masked_fill(~real, -1.0).max(1)  # padding below any activation (they are >= 0)
         top[rows], mean[rows] = best.cpu().numpy(), ((f * real).sum(1) / real.sum(1)).cpu().numpy()
         where[rows] = (at - (~real[:, :, 0]).sum(1, keepdim=True)).cpu().numpy()  # index in the story, not the row
-    return StoryActivations(top, mean, where, tokens)
+        if slots is not None:
+            slot = left_pad([slots[i] for i in rows], pad=len(SLOTS) + 1)[0]  # padding: a slot dropped below
+            onehot = F.one_hot(slot, len(SLOTS) + 2)[..., :-1].to(f.device, torch.float64)
+            mass += torch.einsum("bps,bpl->sl", onehot, f.double()).cpu()
+    if slots is None:
+        return StoryActivations(top, mean, where, tokens)
+    counts = np.bincount(np.concatenate([np.asarray(s) for s in slots]), minlength=len(SLOTS) + 1)
+    return StoryActivations(top, mean, where, tokens, mass.numpy(), counts)
 
 
 def top_contexts(
@@ -106,9 +168,13 @@ def label_values(labels: dict[str, Sequence[str]]) -> Iterator[tuple[str, list[s
             yield label, kept, np.stack([values == v for v in kept])
 
 
-def value_table(acts: StoryActivations, labels: dict[str, Sequence[str]]) -> pd.DataFrame:
+def value_table(
+    acts: StoryActivations, labels: dict[str, Sequence[str]], probes: dict[str, tuple[float, float]] | None = None
+) -> pd.DataFrame:
     """One row per label value held by at least MIN_STORIES_PER_VALUE stories (and not by all): the latent that
-    separates it best, its AUROC, and its precision among the top-activating stories (as many as hold the value)."""
+    separates it best, its AUROC, and its precision among the top-activating stories (as many as hold the value);
+    with `probes` (`probe_accuracies`), the label's linear-probe accuracy and majority-class accuracy beside it."""
+    probes = probes or {}
     rows = []
     for label, kept, positive in label_values(labels):
         scores = auroc(acts.max, positive)
@@ -124,6 +190,8 @@ def value_table(acts: StoryActivations, labels: dict[str, Sequence[str]]) -> pd.
                     "latent": best,
                     "auroc": float(scores[i, best]),
                     "precision": float(positive[i, top].mean()),
+                    "probe_accuracy": probes.get(label, (np.nan, np.nan))[0],
+                    "probe_majority": probes.get(label, (np.nan, np.nan))[1],
                 }
             )
     if not rows:
@@ -140,7 +208,7 @@ def latent_table(acts: StoryActivations, labels: dict[str, Sequence[str]]) -> pd
         for latent in np.flatnonzero(scores.max(0) > best):
             i = int(scores[:, latent].argmax())
             best[latent], best_value[latent], best_label[latent] = scores[i, latent], kept[i], label
-    return pd.DataFrame(
+    table = pd.DataFrame(
         {
             "latent": np.arange(n),
             "stories_active": (acts.max > 0).sum(0),
@@ -149,12 +217,58 @@ def latent_table(acts: StoryActivations, labels: dict[str, Sequence[str]]) -> pd
             "auroc": best,
         }
     )
+    return table if acts.slot_mass is None else pd.concat([table, slot_table(acts)], axis=1)
+
+
+def probe_accuracies(
+    model: HookedLlama, hook: str, stories: Sequence[str], labels: dict[str, Sequence[str]], seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Per label: the test accuracy of `sslens probe`'s linear probe on the hook's mean-pooled activations, and the
+    majority class's (same split as `sslens probe` with this seed); labels no probe can be fitted on are left out."""
+    features = harvest(model, story_tokens(model, stories), [hook])[hook]
+    out = {}
+    for label, values in labels.items():
+        y = np.asarray([str(v) for v in values])
+        if len(set(y)) < 2:
+            continue
+        train, val, test = split(list(y), seed)
+        out[label] = (fit(features, y, train, val, test)[0], majority_accuracy(y, train, test))
+    return out
+
+
+def slot_table(acts: StoryActivations) -> pd.DataFrame:
+    """Per latent: the slot taking the largest share of its summed activation, the share, and its lift over the
+    slot's share of all tokens (1: no preference); empty for a latent that never fires."""
+    total = acts.slot_mass.sum(0)
+    share = acts.slot_mass[1:] / np.where(total > 0, total, 1.0)
+    base = acts.slot_tokens[1:] / acts.slot_tokens.sum()
+    best = share.argmax(0)
+    fires = total > 0
+    picked = share[best, np.arange(share.shape[1])]
+    return pd.DataFrame(
+        {
+            "slot": np.where(fires, np.asarray(SLOTS)[best], ""),
+            "slot_share": np.where(fires, picked, 0.0),
+            "slot_lift": np.where(fires, picked / np.maximum(base[best], 1e-12), 0.0),
+        }
+    )
 
 
 def sae_dir(path: str | Path, cfg: SAEConfig, step: int | None) -> Path:
     """Where a model's SAE lives: MODEL/saes/HOOK/ARCH-WIDTH[-kK]/step_NNNNNNN (or .../final without steps)."""
     name = f"{cfg.arch}-{cfg.d_sae}" + (f"-k{cfg.k}" if cfg.arch == "topk" else "")
     return Path(path) / "saes" / cfg.hook_name / name / ("final" if step is None else f"step_{step:07d}")
+
+
+def find_saes(path: str | Path) -> dict[str, dict[int | None, Path]]:
+    """A model's saved SAEs (`sae_dir`): "HOOK/ARCH-WIDTH[-kK]" -> {checkpoint step (None for "final"): directory}."""
+    found: dict[str, dict[int | None, Path]] = {}
+    for weights in sorted((Path(path) / "saes").glob(f"*/*/*/{WEIGHTS_FILE}")):
+        where = weights.parent
+        if where.name == "final" or re.fullmatch(r"step_\d+", where.name):
+            step = None if where.name == "final" else int(where.name.removeprefix("step_"))
+            found.setdefault(f"{where.parent.parent.name}/{where.parent.name}", {})[step] = where
+    return found
 
 
 def sae_stories(path: str | Path, data: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -174,11 +288,14 @@ def train_saes(
     out: str | Path | None = None,
     progress: bool = False,
     name_stories: int = CARD_PROBE_STORIES,
+    probes: bool = True,
     **settings,
 ) -> list[Path]:
     """An SAE on `hook` for each requested checkpoint of a run (see `requested_steps`), each warm-started from the
     previous one, evaluated on held-out stories, saved (`sae_dir` under `out`, default the model's directory), and
-    its latents named by the labels of `name_stories` stories (the run card's probe stories). `settings` are SAEConfig
+    its latents named by the labels of `name_stories` stories (the run card's probe stories), beside each label's
+    linear probe unless `probes` is False (a few seconds per label). With several named checkpoints, the features
+    are followed across them (`write_feature_steps`, into the SAEs' parent directory). `settings` are SAEConfig
     fields."""
     steps = requested_steps(path, steps, "train SAEs on")
     train, val = sae_stories(path, data)
@@ -197,16 +314,21 @@ def train_saes(
         held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD)
         target = sae_dir(out or path, cfg, cfg.step)
         save_sae(sae, target, evaluate_sae(model, sae, held_out), log)
-        name_latents(model, sae, named, target)
+        name_latents(model, sae, named, target, probes)
         written.append(target)
         previous = sae
+    if len(written) > 1 and all((w / "values.csv").is_file() for w in written):
+        write_feature_steps({load_sae(w).cfg.step: w for w in written}, written[0].parent)
     return written
 
 
-def name_latents(model: HookedLlama, sae: SparseAutoencoder, stories: datasets.Dataset, target: Path) -> None:
-    """Write `latents.csv`, `values.csv` (see `latent_table`, `value_table`) and `contexts.json` (each latent that
-    fires: its top stories, `top_contexts`) into an SAE's directory; without labels to name them by, say so in one
-    line and write nothing (the SAE itself is saved already)."""
+def name_latents(
+    model: HookedLlama, sae: SparseAutoencoder, stories: datasets.Dataset, target: Path, probes: bool = True
+) -> None:
+    """Write `latents.csv`, `values.csv` (see `latent_table`, `value_table`; with `probes`, each label's probe
+    accuracy), `contexts.json` (each latent that fires: its top stories, `top_contexts`) and the peak histograms into
+    an SAE's directory; without labels to name them by, say so in one line and write nothing (the SAE itself is saved
+    already)."""
     labels = {label: stories[label] for label in LABELS if label in stories.column_names}
     if not any(True for _ in label_values(labels)):
         print(
@@ -214,8 +336,25 @@ def name_latents(model: HookedLlama, sae: SparseAutoencoder, stories: datasets.D
             f"{len(stories)} stories, so latents are not named"
         )
         return
-    acts = story_activations(model, sae, stories["story"])
+    slots = None
+    if is_synth(stories):
+        casts = map(story_cast, stories["generation_id"])
+        slots = [token_slots(model.tokenizer, t, c, model.cfg.n_ctx) for t, c in zip(stories["story"], casts)]
+    acts = story_activations(model, sae, stories["story"], slots=slots)
+    accuracies = probe_accuracies(model, sae.cfg.hook_name, stories["story"], labels) if probes else None
     atomic_write_text(target / "latents.csv", latent_table(acts, labels).to_csv(index=False))
-    atomic_write_text(target / "values.csv", value_table(acts, labels).to_csv(index=False))
+    atomic_write_text(target / "values.csv", value_table(acts, labels, accuracies).to_csv(index=False))
     contexts = {latent: top_contexts(acts, model.tokenizer, latent) for latent in range(sae.cfg.d_sae)}
     atomic_write_text(target / "contexts.json", json.dumps({k: v for k, v in contexts.items() if v}) + "\n")
+    atomic_write_bytes(target / HISTOGRAMS_FILE, save_tensors(peak_histograms(acts)))
+
+
+def peak_histograms(acts: StoryActivations, bins: int = HISTOGRAM_BINS) -> dict[str, Tensor]:
+    """Per latent, how its peak activation is spread over the stories it fires on: `counts` [latent, bins] over
+    `bins` equal bins from 0 to `top` [latent] (its largest peak), and `silent` [latent], the stories it skips."""
+    peaks = torch.from_numpy(acts.max).T  # [latent, story]
+    top = peaks.max(1).values
+    scaled = (peaks / top.clamp(min=1e-12)[:, None] * bins).long().clamp(max=bins - 1)
+    fired = peaks > 0
+    counts = torch.zeros(len(top), bins, dtype=torch.int64).scatter_add_(1, scaled, fired.long())
+    return {"counts": counts.int(), "top": top.float(), "silent": (~fired).sum(1).int()}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import sysconfig
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -136,7 +137,7 @@ def test_sslens_sae_over_checkpoints(tiny_run, tmp_path):
     """The command: an SAE per requested checkpoint, each with its evaluation beside it, the second warm-started."""
     main(
         ["sae", str(tiny_run), "--hook", "blocks.0.hook_resid_post", "--width", "128", "--k", "4"]
-        + ["--tokens", "20000", "--steps", "256,300", "--name_stories", "300", "--out", str(tmp_path)]
+        + ["--tokens", "20000", "--steps", "256,300", "--name_stories", "300", "--no_probes", "--out", str(tmp_path)]
     )
     cfg = SAEConfig("blocks.0.hook_resid_post", 64, 128, k=4)
     for step in (256, 300):
@@ -145,8 +146,25 @@ def test_sslens_sae_over_checkpoints(tiny_run, tmp_path):
         values, latents = pd.read_csv(path / "values.csv"), pd.read_csv(path / "latents.csv")
         assert {"theme", "topic", "style"} <= set(values["label"]) and len(latents) == 128
         assert values["auroc"].between(0.5, 1).all() and values["latent"].between(0, 127).all()
+        assert values["probe_accuracy"].isna().all()  # --no_probes
+        assert set(latents["slot"].dropna()) <= {"hero", "friend", "pronoun", "object", "creature", "place"}
         contexts = json.loads((path / "contexts.json").read_text())
         assert contexts and all(0 < len(c) <= 5 and "[[" in c[0]["context"] for c in contexts.values())
+    family = sae_dir(tmp_path, cfg, 300).parent
+    by_step = pd.read_csv(family / "auroc_by_step.csv")
+    assert sorted(set(by_step["step"])) == [256, 300]
+    for step in (256, 300):  # the table across steps is each step's values.csv
+        values = pd.read_csv(sae_dir(tmp_path, cfg, step) / "values.csv")
+        assert np.allclose(by_step[by_step["step"] == step]["auroc"], values["auroc"])
+    matches = pd.read_csv(family / "matches.csv")
+    assert len(matches) == 128 and set(matches["previous_step"]) == {256}
+    assert matches["same_index_cosine"].median() > 0.5  # warm-started: most latents keep their index
+    found = pd.read_csv(family / "births.csv")
+    born = found.dropna(subset=["birth_step"])
+    for row in born.itertuples():
+        mine = (by_step["label"] == row.label) & (by_step["value"] == row.value)
+        first = by_step[mine & (by_step["auroc"] >= 0.9)]["step"].min()
+        assert row.birth_step == first
 
 
 def test_bad_sae_settings_are_one_line(tiny_run, capsys):
