@@ -125,7 +125,9 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
     def pre_activations(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... d_sae"]:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        """(x - b_dec) W_enc + b_enc, computed as x W_enc + (b_enc - b_dec W_enc): the same value, but b_dec's
+        gradient then costs a vector product, not a full [tokens, d_sae] x [d_sae, d_in] one."""
+        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         if self.cfg.arch == "relu":
@@ -265,10 +267,11 @@ def aux_loss(sae: SparseAutoencoder, pre: Tensor, dead: Tensor, error: Tensor) -
     """AuxK: the dead latents' `aux_k` largest pre-activations reconstruct the error (without b_dec), normalised
     by the error's variance."""
     k = min(sae.cfg.aux_k or sae.cfg.d_in // 2, int(dead.sum()))
-    values, indices = pre.masked_fill(~dead, -torch.inf).topk(k, dim=-1, sorted=False)
-    f = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    values, indices = pre[:, dead].topk(k, dim=-1, sorted=False)
+    rows = dead.nonzero().squeeze(1)[indices]  # the k latents, as rows of W_dec
+    decoded = F.embedding_bag(rows, sae.W_dec, per_sample_weights=values.relu(), mode="sum")  # only k rows each
     variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
-    return (f @ sae.W_dec - error).pow(2).sum(-1).mean() / variance
+    return (decoded - error).pow(2).sum(-1).mean() / variance
 
 
 @torch.no_grad()
@@ -300,22 +303,36 @@ def train_sae(
     n_steps = max(1, cfg.tokens // cfg.batch_tokens)
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
     log = []
-    for step in tqdm(range(n_steps), desc=progress or "sae", disable=progress is None, dynamic_ncols=True):
+    bar = tqdm(
+        total=n_steps * cfg.batch_tokens, desc=progress or "sae", disable=progress is None, unit="tok", unit_scale=True
+    )
+    for step in range(n_steps):
         x = next(stream) * scale
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
         l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, n_steps // 20))
-        loss, parts, fired = losses(sae, x, since_fired >= cfg.dead_tokens, l1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        constrain_decoder(sae)
-        opt.step()
-        with torch.no_grad():
-            sae.W_dec.copy_(F.normalize(sae.W_dec, dim=-1))
+        loss, parts, fired = train_step(sae, opt, x, since_fired >= cfg.dead_tokens, l1)
         since_fired = torch.where(fired, 0, since_fired + len(x))
         if step % 50 == 0 or step == n_steps - 1:
             log.append({"step": step, "tokens": (step + 1) * len(x), "loss": loss.item(), **parts})
+        bar.update(len(x))
+    bar.close()
     return sae.rescaled(1 / scale), log
+
+
+def train_step(
+    sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: Float[Tensor, "batch d_in"], dead: Tensor, l1: float
+) -> tuple[Tensor, dict[str, float], Tensor]:
+    """One optimiser step on a batch of (scaled) activations, the decoder rows kept at unit norm: the loss, its
+    parts, and which latents fired."""
+    loss, parts, fired = losses(sae, x, dead, l1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    constrain_decoder(sae)
+    opt.step()
+    with torch.no_grad():
+        sae.W_dec.copy_(F.normalize(sae.W_dec, dim=-1))
+    return loss, parts, fired
 
 
 @dataclass

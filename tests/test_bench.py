@@ -69,6 +69,17 @@ def test_patching_rows():
     assert [r.goal for r in rows] == [5.0, 20.0] and all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
 
 
+def test_sae_rows():
+    from sslens.bench import bench_sae, format_rows
+
+    rows = bench_sae("1.25M", d_sae=256, k=8, batch_tokens=256, reps=1)
+    assert [r.name for r in rows] == ["sae_train_step", "sae_activation_stream_vs_forward"]
+    assert not any(r.error for r in rows) and all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
+    assert [r.goal for r in rows] == [0.5, 0.8] and all(0 < m < 2 for m in rows[0].mfu)
+    text = format_rows(rows, "")
+    assert re.search(r"sae_train_step .* 50% .*\[(ok|MISSED)\] \(MFU \d+% vs \d+%\)", text)
+
+
 def test_cli_bench_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run(
@@ -176,6 +187,7 @@ def test_benchmarks_md_states_the_goals_bench_checks():
         names_cell, goal_cell = line.split("|")[1], line.split("|")[-2]
         rows = [row for name in re.findall(r"`([^`]+)`", names_cell) for row in expand(name)]
         stated = {float(x) for x in re.findall(r"([\d.]+) ?(?:x|ms)", goal_cell)}
+        stated |= {float(x) / 100 for x in re.findall(r"([\d.]+)% MFU", goal_cell)}
         assert stated == {goal_of(row) for row in rows} - {None}, (rows, goal_cell)
         covered |= {pattern for pattern in GOALS for row in rows if fnmatch.fnmatchcase(row, pattern)}
     assert covered == set(GOALS)
