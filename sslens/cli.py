@@ -246,7 +246,16 @@ def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.l1 is not None:
         settings["l1_coefficient"] = args.l1
     paths = train_saes(
-        args.model, args.hook, steps, args.data, args.out, True, args.name_stories, not args.no_probes, **settings
+        args.model,
+        args.hook,
+        steps,
+        args.data,
+        args.out,
+        True,
+        args.name_stories,
+        not args.no_probes,
+        args.store,
+        **settings,
     )
     print("| SAE | mse | fvu | L0 | dead | dense | CE loss recovered |")
     print("|---|---|---|---|---|---|---|")
@@ -538,6 +547,11 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     sa.add_argument("--seed", type=int, default=0, help="initialisation, window order and shuffling")
     sa.add_argument("--name_stories", type=int, default=CARD_PROBE_STORIES, help="labelled stories to name latents")
+    sa.add_argument(
+        "--store",
+        choices=["fp32", "bf16"],
+        help="store the activations on disk once (under $SSLENS_CACHE) and reuse them for other widths and k",
+    )
     sa.add_argument(
         "--no_probes", action="store_true", help="skip the linear probe per label beside the latents (~5 s a label)"
     )

@@ -29,6 +29,7 @@ from safetensors.torch import save as save_tensors
 from scipy.stats import rankdata
 from torch import Tensor
 
+from .actstore import StoredActivations, activation_store
 from .checkpoint import load_model, read_split, requested_steps
 from .config import CARD_PROBE_STORIES
 from .data import Batches, load_stories, tokenize, training_stories, validation_stories
@@ -289,14 +290,16 @@ def train_saes(
     progress: bool = False,
     name_stories: int = CARD_PROBE_STORIES,
     probes: bool = True,
+    store: str | None = None,
     **settings,
 ) -> list[Path]:
     """An SAE on `hook` for each requested checkpoint of a run (see `requested_steps`), each warm-started from the
     previous one, evaluated on held-out stories, saved (`sae_dir` under `out`, default the model's directory), and
     its latents named by the labels of `name_stories` stories (the run card's probe stories), beside each label's
     linear probe unless `probes` is False (a few seconds per label). With several named checkpoints, the features
-    are followed across them (`write_feature_steps`, into the SAEs' parent directory). `settings` are SAEConfig
-    fields."""
+    are followed across them (`write_feature_steps`, into the SAEs' parent directory). With `store` ("fp32" or
+    "bf16") the activations are read from an on-disk store (`actstore.activation_store`), built once per checkpoint,
+    hook and token count and reused by later calls with other widths or k. `settings` are SAEConfig fields."""
     steps = requested_steps(path, steps, "train SAEs on")
     train, val = sae_stories(path, data)
     named = eval_stories(path, data, name_stories)[1]
@@ -309,6 +312,8 @@ def train_saes(
         cfg = SAEConfig(hook, feature_widths(model, [hook])[0], **settings)
         cfg.model_name, cfg.step = str(path), model_step(path, step)
         windows = Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD, seed=cfg.seed)
+        if store is not None:
+            windows = StoredActivations(activation_store(model, hook, windows, cfg.tokens, store), cfg)
         at = f" at step {cfg.step}" if cfg.step is not None else ""
         sae, log = train_sae(model, windows, cfg, previous, progress=f"SAE on {hook}{at}" if progress else None)
         held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD)

@@ -284,21 +284,24 @@ def constrain_decoder(sae: SparseAutoencoder) -> None:
 
 def train_sae(
     model: HookedLlama,
-    windows: Batches,
+    source: Batches | Iterator[Tensor],
     cfg: SAEConfig,
     start: SparseAutoencoder | None = None,
     progress: str | None = None,
 ) -> tuple[SparseAutoencoder, list[dict]]:
-    """Train an SAE on `cfg.hook_name`'s activations over `windows` (from `start`'s weights if given, else fresh).
-    Returns it with the scaling folded in (it takes raw activations), and a log row every 50 steps."""
+    """Train an SAE on `cfg.hook_name`'s activations, streamed over token windows (`source` a Batches) or read from
+    an iterator of activation batches with a `buffer` sample (`actstore.StoredActivations`). Fresh, or warm-started
+    from `start` (a trained SAE, e.g. the previous checkpoint's: its weights in the scaled space, so a change in the
+    activations' size does not carry over). Returns it with the scaling folded in (it takes raw activations), and a
+    log row every 50 steps."""
     check_hook(model, cfg.hook_name)
-    stream = ActivationStream(model, cfg.hook_name, windows, cfg)
+    stream = ActivationStream(model, cfg.hook_name, source, cfg) if isinstance(source, Batches) else source
     scale = input_scale(stream.buffer)
     sae = SparseAutoencoder(cfg)
     if start is None:
         sae.initialise(stream.buffer * scale)
-    else:
-        sae.load_state_dict(start.rescaled(scale).state_dict())
+    else:  # in the scaled space, where its decoder rows have unit norm: a folded SAE's rows have norm 1 / its scale
+        sae.load_state_dict(start.rescaled(1 / float(start.W_dec.norm(dim=-1).mean())).state_dict())
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
     n_steps = max(1, cfg.tokens // cfg.batch_tokens)
     since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)

@@ -108,6 +108,25 @@ def test_training_reconstructs_held_out_activations(tiny_run):
     assert relu_result.fvu < 0.5 and relu_result.l0 < 256 / 2
 
 
+def test_a_warm_start_carries_the_scaled_weights_across_a_change_of_scale(tiny_run):
+    """Checkpoints' activations differ in size (a fresh model's by ~100x): the next SAE starts from the previous
+    one's weights in the scaled space (E||x||^2 = d_in), where both live, not from its raw-unit weights."""
+    model = load_model(tiny_run).eval()
+    train, _ = sae_stories(tiny_run)
+    cfg = SAEConfig("blocks.1.hook_resid_post", 64, 32, k=4, tokens=512, batch_tokens=512, buffer_tokens=1024, lr=0.0)
+    trained = SparseAutoencoder(cfg)
+    trained.initialise(torch.randn(100, 64))
+    with torch.no_grad():
+        trained.b_enc.normal_()
+    start = trained.rescaled(1 / 50.0)  # as saved after training on activations x 50
+    sae, _ = train_sae(model, Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, 8), cfg, start)  # lr 0
+    scale = 1 / float(sae.W_dec.norm(dim=-1).mean())  # this model's input scale, folded into the result
+    assert scale != pytest.approx(50.0, rel=0.5)
+    unfolded = sae.rescaled(scale)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.allclose(getattr(unfolded, name), getattr(trained, name), atol=1e-5), name
+
+
 def test_saved_in_saelens_layout_and_read_back(tmp_path):
     sae = identity_sae(4, "topk")
     with torch.no_grad():
