@@ -101,6 +101,13 @@ class StoredActivations:
     def __iter__(self) -> Iterator[Float[Tensor, "batch_tokens d_in"]]:
         return self
 
+    def state(self) -> tuple[dict[str, Tensor], dict]:
+        return {"order": torch.from_numpy(self.order)}, {"used": self.used, "rng": self.rng.bit_generator.state}
+
+    def load_state(self, tensors: dict[str, Tensor], scalars: dict) -> None:
+        self.order, self.used = tensors["order"].numpy(), scalars["used"]
+        self.rng.bit_generator.state = scalars["rng"]
+
     def __next__(self) -> Float[Tensor, "batch_tokens d_in"]:
         if self.used + self.cfg.batch_tokens > len(self.order):
             self.order, self.used = self.rng.permutation(len(self.data)), 0

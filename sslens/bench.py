@@ -223,7 +223,8 @@ def bench_sae(
     import numpy as np
 
     from .data import Batches
-    from .sae import ActivationStream, SAEConfig, SparseAutoencoder, train_step
+    from .sae import SAEConfig, SparseAutoencoder
+    from .sae_train import ActivationStream, train_step
 
     model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
     hook, gen = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", torch.Generator().manual_seed(0)

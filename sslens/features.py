@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,8 @@ from .sae import (
     evaluate_sae,
     load_sae,
     save_sae,
-    train_sae,
 )
+from .sae_train import train_sae
 from .synth import story_cast
 
 LABELS = ("theme", "topic", "style", "feature", "grammar", "persona")
@@ -315,10 +316,14 @@ def train_saes(
         if store is not None:
             windows = StoredActivations(activation_store(model, hook, windows, cfg.tokens, store), cfg)
         at = f" at step {cfg.step}" if cfg.step is not None else ""
-        sae, log = train_sae(model, windows, cfg, previous, progress=f"SAE on {hook}{at}" if progress else None)
-        held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD)
         target = sae_dir(out or path, cfg, cfg.step)
+        resume = target.with_name(f".resume-{target.name}")  # a killed training resumes from here
+        sae, log = train_sae(
+            model, windows, cfg, previous, progress=f"SAE on {hook}{at}" if progress else None, resume=resume
+        )
+        held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD)
         save_sae(sae, target, evaluate_sae(model, sae, held_out), log)
+        shutil.rmtree(resume, ignore_errors=True)
         name_latents(model, sae, named, target, probes)
         written.append(target)
         previous = sae

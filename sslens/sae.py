@@ -1,26 +1,11 @@
-"""Sparse autoencoders on any hook: TopK (the default) or ReLU with an L1 penalty, trained on activations streamed
-from the model over its own stories, evaluated with SAELens's definitions, saved in SAELens's on-disk layout.
-
-The recipe. Both architectures encode f = act((x - b_dec) W_enc + b_enc) and decode x^ = f W_dec + b_dec.
-- Inputs are scaled by one constant so that E||x||^2 = d_in (SAELens's "expected_average_only_in"); the constant is
-  folded into the weights when saving, so the files take raw activations.
-- W_dec's rows (one direction per latent) start random with unit norm and are kept at unit norm after every step,
-  with the gradient's component along each row removed first; W_enc starts as W_dec's transpose; b_dec starts at the
-  geometric median of the first buffer of activations (Weiszfeld's iteration); Adam, linear learning-rate warmup.
-- TopK (Gao et al., 2024, "Scaling and evaluating sparse autoencoders"): act keeps the k largest pre-activations
-  (through a ReLU). Loss: the squared error plus 1/32 of the AuxK loss, which asks the `aux_k` largest
-  pre-activations of the dead latents (none fired over the last `dead_tokens` tokens) to reconstruct the residual
-  error, normalised by that error's variance: dead latents get a gradient and come back.
-- ReLU (Bricken et al., 2023; Conerly et al., 2024 update): act is a ReLU; loss = squared error + l1_coefficient x
-  the sum of activations (times the unit decoder norms), the coefficient warmed up over the first 5% of steps.
-The squared error is summed over dimensions and averaged over tokens, as SAELens's training MSE.
+"""Sparse autoencoders on any hook: TopK (the default) or ReLU with an L1 penalty, as SAELens defines them; their
+activations (a forward restricted to the hook), their evaluation with SAELens's definitions, and SAELens's on-disk
+layout. Training is `sslens.sae_train`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,7 +14,6 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .data import Batches
 from .errors import SSLensError
@@ -200,142 +184,6 @@ def activations(
         return_cache_object=False,
     )
     return cache[hook].flatten(2).float()
-
-
-class ActivationStream:
-    """`hook`'s activations, a batch of tokens at a time in shuffled order: forwards over token windows fill a
-    buffer; once half of it is used, new activations replace that half and it is shuffled again, so a batch mixes
-    tokens of many windows and positions. Its state is the windows read, and the random generator."""
-
-    def __init__(self, model: HookedLlama, hook: str, windows: Batches, cfg: SAEConfig):
-        self.model, self.hook, self.windows, self.cfg = model, hook, windows, cfg
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.buffer = self._read(cfg.buffer_tokens)
-        self.used = 0
-
-    def _read(self, n_tokens: int) -> Float[Tensor, "n d_in"]:
-        parts, have = [], 0
-        while have < n_tokens:
-            part = activations(self.model, self.hook, next(self.windows)[:, :-1]).flatten(0, 1).cpu()
-            parts.append(part)
-            have += len(part)
-        return torch.cat(parts)[:n_tokens]
-
-    def __iter__(self) -> Iterator[Float[Tensor, "batch_tokens d_in"]]:
-        return self
-
-    def __next__(self) -> Float[Tensor, "batch_tokens d_in"]:
-        half = len(self.buffer) // 2
-        if self.used == 0 or self.used + self.cfg.batch_tokens > half:
-            if self.used:
-                self.buffer[:half] = self._read(half)
-            self.buffer = self.buffer[torch.randperm(len(self.buffer), generator=self.gen)]
-            self.used = 0
-        batch = self.buffer[self.used : self.used + self.cfg.batch_tokens]
-        self.used += self.cfg.batch_tokens
-        return batch
-
-
-def input_scale(sample: Float[Tensor, "n d_in"]) -> float:
-    """The constant c with E||c x||^2 = d_in over the sample."""
-    return math.sqrt(sample.shape[-1] / float(sample.pow(2).sum(-1).mean().clamp(min=1e-12)))
-
-
-def losses(
-    sae: SparseAutoencoder, x: Float[Tensor, "batch d_in"], dead: Tensor, l1_coefficient: float
-) -> tuple[Tensor, dict[str, float], Tensor]:
-    """The training loss of one batch, its parts, and which latents fired."""
-    pre = sae.pre_activations(x)
-    f = sae.activate(pre)
-    x_hat = sae.decode(f)
-    mse = (x_hat - x).pow(2).sum(-1).mean()
-    parts = {"mse": mse.item()}
-    if sae.cfg.arch == "relu":
-        sparsity = (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
-        parts["l1"] = sparsity.item()
-        loss = mse + l1_coefficient * sparsity
-    else:
-        loss = mse
-        if int(dead.sum()) > 0:
-            aux = aux_loss(sae, pre, dead, x - x_hat.detach())
-            parts["aux"] = aux.item()
-            loss = loss + sae.cfg.aux_coefficient * aux
-    return loss, parts, (f > 0).any(0)
-
-
-def aux_loss(sae: SparseAutoencoder, pre: Tensor, dead: Tensor, error: Tensor) -> Tensor:
-    """AuxK: the dead latents' `aux_k` largest pre-activations reconstruct the error (without b_dec), normalised
-    by the error's variance."""
-    k = min(sae.cfg.aux_k or sae.cfg.d_in // 2, int(dead.sum()))
-    values, indices = pre[:, dead].topk(k, dim=-1, sorted=False)
-    rows = dead.nonzero().squeeze(1)[indices]  # the k latents, as rows of W_dec
-    decoded = F.embedding_bag(rows, sae.W_dec, per_sample_weights=values.relu(), mode="sum")  # only k rows each
-    variance = (error - error.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
-    return (decoded - error).pow(2).sum(-1).mean() / variance
-
-
-@torch.no_grad()
-def constrain_decoder(sae: SparseAutoencoder) -> None:
-    """Before a step: drop the gradient's component along each decoder row (it would only change the norm)."""
-    if sae.W_dec.grad is not None:
-        rows = F.normalize(sae.W_dec, dim=-1)
-        sae.W_dec.grad -= (sae.W_dec.grad * rows).sum(-1, keepdim=True) * rows
-
-
-def train_sae(
-    model: HookedLlama,
-    source: Batches | Iterator[Tensor],
-    cfg: SAEConfig,
-    start: SparseAutoencoder | None = None,
-    progress: str | None = None,
-) -> tuple[SparseAutoencoder, list[dict]]:
-    """Train an SAE on `cfg.hook_name`'s activations, streamed over token windows (`source` a Batches) or read from
-    an iterator of activation batches with a `buffer` sample (`actstore.StoredActivations`). Fresh, or warm-started
-    from `start` (a trained SAE, e.g. the previous checkpoint's: its weights in the scaled space, so a change in the
-    activations' size does not carry over). Returns it with the scaling folded in (it takes raw activations), and a
-    log row every 50 steps."""
-    check_hook(model, cfg.hook_name)
-    stream = ActivationStream(model, cfg.hook_name, source, cfg) if isinstance(source, Batches) else source
-    scale = input_scale(stream.buffer)
-    sae = SparseAutoencoder(cfg)
-    if start is None:
-        sae.initialise(stream.buffer * scale)
-    else:  # in the scaled space, where its decoder rows have unit norm: a folded SAE's rows have norm 1 / its scale
-        sae.load_state_dict(start.rescaled(1 / float(start.W_dec.norm(dim=-1).mean())).state_dict())
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    n_steps = max(1, cfg.tokens // cfg.batch_tokens)
-    since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
-    log = []
-    bar = tqdm(
-        total=n_steps * cfg.batch_tokens, desc=progress or "sae", disable=progress is None, unit="tok", unit_scale=True
-    )
-    for step in range(n_steps):
-        x = next(stream) * scale
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
-        l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, n_steps // 20))
-        loss, parts, fired = train_step(sae, opt, x, since_fired >= cfg.dead_tokens, l1)
-        since_fired = torch.where(fired, 0, since_fired + len(x))
-        if step % 50 == 0 or step == n_steps - 1:
-            log.append({"step": step, "tokens": (step + 1) * len(x), "loss": loss.item(), **parts})
-        bar.update(len(x))
-    bar.close()
-    return sae.rescaled(1 / scale), log
-
-
-def train_step(
-    sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: Float[Tensor, "batch d_in"], dead: Tensor, l1: float
-) -> tuple[Tensor, dict[str, float], Tensor]:
-    """One optimiser step on a batch of (scaled) activations, the decoder rows kept at unit norm: the loss, its
-    parts, and which latents fired."""
-    loss, parts, fired = losses(sae, x, dead, l1)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    constrain_decoder(sae)
-    opt.step()
-    with torch.no_grad():
-        sae.W_dec.copy_(F.normalize(sae.W_dec, dim=-1))
-    return loss, parts, fired
 
 
 @dataclass

@@ -27,8 +27,8 @@ from sslens.sae import (
     load_sae,
     read_eval,
     save_sae,
-    train_sae,
 )
+from sslens.sae_train import train_sae
 
 
 def identity_sae(d_in: int, arch: str = "relu") -> SparseAutoencoder:
@@ -127,6 +127,49 @@ def test_a_warm_start_carries_the_scaled_weights_across_a_change_of_scale(tiny_r
         assert torch.allclose(getattr(unfolded, name), getattr(trained, name), atol=1e-5), name
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["streamed", "stored"])
+def test_an_interrupted_training_resumes_bitwise(tiny_run, tmp_path, monkeypatch, stored):
+    """Killed after its 7th step (state saved every 3), then run again: the same SAE and log as without the
+    interruption, from the stream (buffer, position, generator) or from the store (order, generator)."""
+    from sslens import sae_train
+    from sslens.actstore import StoredActivations, activation_store
+
+    model = load_model(tiny_run).eval()
+    train, _ = sae_stories(tiny_run)
+    cfg = SAEConfig("blocks.1.hook_resid_post", 64, 64, k=4, tokens=10 * 256, batch_tokens=256, buffer_tokens=1024)
+    cfg.dead_tokens = 512  # AuxK's dead-latent counter is part of the state too
+
+    def source():
+        windows = Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, 4)
+        return (
+            StoredActivations(activation_store(model, cfg.hook_name, windows, 2048, root=tmp_path), cfg)
+            if stored
+            else windows
+        )
+
+    whole, whole_log = train_sae(model, source(), cfg)
+    real_step, calls = sae_train.train_step, []
+
+    def dies_at_seven(*args):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(sae_train, "train_step", dies_at_seven)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(model, source(), cfg, resume=tmp_path / "resume", save_every=3)
+    assert json.loads((tmp_path / "resume" / "resume.json").read_text())["step"] == 6
+    monkeypatch.undo()
+    again, log = train_sae(model, source(), cfg, resume=tmp_path / "resume", save_every=3)
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    assert log == whole_log
+    other = SAEConfig(cfg.hook_name, 64, 64, k=4, tokens=20 * 256, batch_tokens=256, buffer_tokens=1024)
+    with pytest.raises(SSLensError, match=r"unfinished SAE trained with other settings \(tokens, dead_tokens\)"):
+        train_sae(model, source(), other, resume=tmp_path / "resume")
+
+
 def test_saved_in_saelens_layout_and_read_back(tmp_path):
     sae = identity_sae(4, "topk")
     with torch.no_grad():
@@ -170,6 +213,7 @@ def test_sslens_sae_over_checkpoints(tiny_run, tmp_path):
         contexts = json.loads((path / "contexts.json").read_text())
         assert contexts and all(0 < len(c) <= 5 and "[[" in c[0]["context"] for c in contexts.values())
     family = sae_dir(tmp_path, cfg, 300).parent
+    assert sorted(p.name for p in family.iterdir() if p.name.startswith(".")) == []  # resume states removed
     by_step = pd.read_csv(family / "auroc_by_step.csv")
     assert sorted(set(by_step["step"])) == [256, 300]
     for step in (256, 300):  # the table across steps is each step's values.csv
