@@ -1,5 +1,5 @@
-"""The sslens explorer: one prompt seen through generation, attention and the logit lens, and activation patching on
-counterfactual pairs, across checkpoints.
+"""The sslens explorer: one prompt seen through generation, attention and the logit lens, activation patching on
+counterfactual pairs, and the latents of a run's sparse autoencoders, across checkpoints.
 
     streamlit run apps/explorer.py [-- --runs DIR] [--hub NAME,...]    (or SSLENS_RUNS=DIR, SSLENS_HUB=NAME,...)
 
@@ -7,8 +7,8 @@ The run picker lists the models under the runs root (default ./runs) and the hub
 SimpleStories/SimpleStories-5M, loaded from the Hugging Face cache, or downloaded when online). Hub names come only
 from whoever starts the server, never from the page, so a visitor cannot make it download anything.
 
-All model work goes through the sslens API (load_model, generate, run_with_cache, sslens.lens); results are cached
-per (model, checkpoint, prompt, settings), so moving the slider back is instant.
+All model work goes through the sslens API (load_model, generate, run_with_cache, sslens.lens, sslens.sae); results
+are cached per (model, checkpoint, prompt, settings), so moving the slider back is instant.
 """
 
 from __future__ import annotations
@@ -16,24 +16,33 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
 from plotly.subplots import make_subplots
+from safetensors.numpy import load_file
 
 from sslens import SSLensError, load_model
-from sslens.checkpoint import find_models, resolve_model, saved_steps, tokens_seen
+from sslens.checkpoint import find_models, refuse_outside, resolve_model, saved_steps, tokens_seen
+from sslens.features import HISTOGRAMS_FILE, find_saes
+from sslens.generate import prompt_ids
 from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, explore
 from sslens.pairs import SLOT_FACTORS, pairs
 from sslens.patching import LogitDiff, pair_batch, sweep
+from sslens.sae import SparseAutoencoder, activations, check_hook, load_sae
 
 PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
 CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
 WINDOW = 32  # positions the attention and lens maps show at first: wide enough to read each token's label
+TOP_LATENTS = 3  # latents listed per prompt token: what a token evokes most, few enough to read down the table
+SLOT_LIFT = 2.0  # a latent's story slot is part of its name once the slot takes twice its share of all tokens
 SIDEBAR_CSS = "<style>section[data-testid='stSidebar'] [data-testid='stSliderTickBar'] {display: none}</style>"
 
 
@@ -310,6 +319,190 @@ def patching_panel(path: str, step: int | None) -> None:
     right.plotly_chart(heads.figure(), width="stretch", config=PLOT_CONFIG, key="patch_heads")
 
 
+def sae_stamp(directory: Path) -> tuple:
+    """Each file of an SAE directory with its size and modification time: part of the cache keys, so an SAE
+    trained again (save_sae replaces the directory whole) or named again is read afresh, not served stale."""
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file())
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def sae_at(directory: str, stamp: tuple) -> SparseAutoencoder:
+    """The autoencoder in `directory`; `stamp` (sae_stamp) only keys the cache."""
+    return load_sae(directory)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def sae_notes(directory: str, stamp: tuple) -> dict:
+    """What naming wrote beside an SAE (sslens.features.name_latents): "latents" (latents.csv as a table),
+    "contexts" (contexts.json) and "histograms" (each latent's peak activation per story), each None where absent:
+    an SAE trained on stories without labels has none, and its latents are shown without names."""
+    d = Path(directory)
+    latents, contexts, histograms = d / "latents.csv", d / "contexts.json", d / HISTOGRAMS_FILE
+    return {
+        "latents": pd.read_csv(latents, keep_default_na=False) if latents.is_file() else None,
+        "contexts": json.loads(contexts.read_text()) if contexts.is_file() else None,
+        "histograms": load_file(histograms) if histograms.is_file() else None,
+    }
+
+
+@st.cache_data(max_entries=32, show_spinner="Encoding the prompt ...")
+def prompt_latents(path: str, step: int | None, directory: str, stamp: tuple, prompt: str) -> tuple:
+    """The prompt's tokens and every latent's activation at each [pos, d_sae], from a forward that stops after the
+    SAE's hook."""
+    model, sae = model_at(path, step), sae_at(directory, stamp)
+    check_hook(model, sae.cfg.hook_name)
+    ids = prompt_ids(model, prompt)
+    with torch.inference_mode():
+        x = activations(model, sae.cfg.hook_name, torch.tensor([ids]))
+        if x.shape[-1] != sae.cfg.d_in:
+            raise SSLensError(
+                f"{directory} reads {sae.cfg.d_in} numbers per token, {sae.cfg.hook_name} has {x.shape[-1]}: "
+                "it was trained on another model"
+            )
+        latents = sae.encode(x.to(sae.W_enc.device))[0].cpu().numpy()
+    return [model.tokenizer.id_to_token(i) for i in ids], latents
+
+
+def latent_name(row: dict) -> str:
+    """A latent as latents.csv names it: the label value it separates best, with that AUROC, and its story slot where
+    the slot's share of the latent is SLOT_LIFT times its share of all tokens; "" for a latent nothing names."""
+    parts = []
+    if row.get("label"):
+        parts.append(f"{row['label']}={row['value']} (AUROC {float(row['auroc']):.2f})")
+    if row.get("slot") and float(row.get("slot_lift") or 0) >= SLOT_LIFT:
+        parts.append(f"slot {row['slot']} (x{float(row['slot_lift']):.1f})")
+    return ", ".join(parts)
+
+
+def token_table(tokens: list[str], latents: np.ndarray, names: dict[int, str]) -> list[dict]:
+    """Per prompt token, its TOP_LATENTS most active latents (those that fire), each as "#latent activation name"."""
+    top = np.argsort(-latents, axis=1, kind="stable")[:, :TOP_LATENTS]
+    rows = []
+    for i, (token, ranked) in enumerate(zip(tokens, top)):
+        cells = [f"#{j} {latents[i, j]:.2f} {names.get(int(j), '')}".strip() for j in ranked if latents[i, j] > 0]
+        cells += [""] * (TOP_LATENTS - len(cells))
+        rows.append({"position": i, "token": token} | {f"top {r + 1}": c for r, c in enumerate(cells)})
+    return rows
+
+
+def histogram_figure(latent: int, histograms: dict, prompt_peak: float) -> go.Figure:
+    """A latent's peak activation per naming story (equal bins from 0 to its largest peak), with this prompt's
+    peak marked: whether the prompt moves it as much as the stories it is named by."""
+    counts, top, silent = histograms["counts"][latent], float(histograms["top"][latent]), histograms["silent"][latent]
+    width = top / len(counts)
+    fig = go.Figure(
+        go.Bar(
+            x=(np.arange(len(counts)) + 0.5) * width,
+            y=counts,
+            width=width,
+            marker_color="teal",
+            hovertemplate="peak %{x:.2f}: %{y} stories<extra></extra>",
+        )
+    )
+    fig.add_vline(x=prompt_peak, line_dash="dash", annotation_text="this prompt's peak")
+    fig.update_layout(
+        title=f"#{latent}: peak activation per story ({int(silent)} of {int(counts.sum() + silent)} stories silent)",
+        xaxis_title="peak activation in a story",
+        yaxis_title="stories",
+        height=320,
+        margin=dict(t=40, b=0),
+    )
+    return fig
+
+
+def token_activation_figure(latent: int, labels: list[str], values: np.ndarray) -> go.Figure:
+    """One latent over the prompt's tokens: where in the prompt it fires, beside the table's top few per token."""
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color="darkorange"))
+    fig.update_layout(
+        title=f"#{latent} over the prompt",
+        xaxis_title="prompt token",
+        yaxis_title="activation",
+        height=320,
+        margin=dict(t=40, b=0),
+    )
+    return fig
+
+
+def latent_details(latent: int, latents: np.ndarray, labels: list[str], notes: dict) -> None:
+    """One latent: its latents.csv row, its top contexts among the naming stories, its peak-activation histogram and
+    its activation over the prompt."""
+    table, contexts, histograms = notes["latents"], notes["contexts"], notes["histograms"]
+    if table is not None:
+        st.table(table[table["latent"] == latent], hide_index=True)
+    if contexts is not None:
+        st.table(contexts.get(str(latent), [{"context": "(fires on none of the naming stories)"}]), hide_index=True)
+    left, right = st.columns(2)
+    if histograms is not None and histograms["top"][latent] > 0:
+        figure = histogram_figure(latent, histograms, float(latents[:, latent].max()))
+        left.plotly_chart(figure, width="stretch", config=PLOT_CONFIG, key="feature_histogram")
+    figure = token_activation_figure(latent, labels, latents[:, latent])
+    right.plotly_chart(figure, width="stretch", config=PLOT_CONFIG, key="feature_tokens")
+
+
+def sae_for_step(root: Path, saes: dict[str, dict[int | None, Path]], step: int | None) -> Path | None:
+    """The SAE directory the Features panel reads: of the family picked (when there are several), the one trained
+    on this checkpoint; None (having said which steps have one) if there is none."""
+    family = st.selectbox("SAE (hook/architecture-width)", list(saes), key="sae_family") if len(saes) > 1 else ""
+    family = family or next(iter(saes))
+    if step not in saes[family]:
+        have = ", ".join("final" if s is None else str(s) for s in sorted(saes[family], key=lambda s: s or 0))
+        st.info(
+            f"{family} has no SAE at {'the final weights' if step is None else f'step {step}'}; steps with one: {have}"
+        )
+        return None
+    refuse_outside(root.resolve(), [saes[family][step]])  # the directory first: nothing outside is listed
+    refuse_outside(root.resolve(), sorted(saes[family][step].iterdir()))
+    return saes[family][step]
+
+
+def features_panel(root: Path, path: Path, step: int | None, prompt: str) -> None:
+    """The prompt through a sparse autoencoder of this checkpoint: each token's most active latents, named by story
+    metadata, and one latent at a time in detail. Shown only for a model with SAEs (under MODEL/saes)."""
+    try:
+        refuse_outside(root.resolve(), [path / "saes"])
+        saes = find_saes(path)
+    except (SSLensError, OSError) as e:  # saes/ is a link out of the runs root, or a loop of links
+        st.subheader("Features")
+        st.error(str(e))
+        return
+    if not saes:
+        return
+    st.subheader("Features")
+    try:
+        directory = sae_for_step(root, saes, step)
+        if directory is None:
+            return
+        stamp = sae_stamp(directory)
+        tokens, latents = prompt_latents(str(path), step, str(directory), stamp, prompt)
+        notes = sae_notes(str(directory), stamp)
+    except Exception as e:  # SAE files are input too: whatever reading them raises is a message, not a crash
+        first_line = str(e).partition("\n")[0][:200]
+        st.error(
+            str(e) if isinstance(e, SSLensError) else f"the SAE could not be read ({type(e).__name__}: {first_line})"
+        )
+        return
+    table = notes["latents"]
+    names = {} if table is None else {int(r["latent"]): latent_name(r) for r in table.to_dict("records")}
+    what = "activation name (the label value it separates best, by AUROC)" if names else "activation (unnamed)"
+    st.caption(
+        f"{directory.relative_to(path)}: each prompt token's {TOP_LATENTS} most active latents, as #latent " + what
+    )
+    st.dataframe(token_table(tokens, latents, names), hide_index=True)
+    labels = [f"{i}:{t}" for i, t in enumerate(tokens)]
+    peak = latents.max(0)
+    fired = [int(j) for j in np.argsort(-peak, kind="stable") if peak[j] > 0]
+    if not fired:
+        st.info("No latent fires on this prompt.")
+        return
+    latent = st.selectbox(
+        "Latent (most active first)",
+        fired,
+        key=f"latent:{settings_key(str(directory), stamp, prompt)}",
+        format_func=lambda j: f"#{j} (peak {peak[j]:.2f} at {labels[latents[:, j].argmax()]}) {names.get(j, '')}",
+    )
+    latent_details(latent, latents, labels, notes)
+
+
 def open_model(root: Path, name: str) -> tuple[Path | str, list[int], dict[int, int]]:
     """The model directory `name` under the runs root (or a hub name), its saved steps (none for an HF directory)
     and the tokens seen at each. resolve_model has refused it first if anything loading it would open leads outside
@@ -399,6 +592,8 @@ def main() -> None:
         attention_panel(result, shown)
     logit_lens_panel(result, shown)
     patching_panel(str(path), step)
+    if isinstance(path, Path):  # a hub model has no directory to hold SAEs
+        features_panel(root, path, step, prompt)
 
 
 main()

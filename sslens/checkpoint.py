@@ -216,13 +216,14 @@ def check_inside(root: str | Path, model_dir: Path) -> None:
             "checkpoints",
         )
     ]
-    _refuse_outside(inside, files + sorted(model_dir.glob("*.safetensors")))
+    refuse_outside(inside, files + sorted(model_dir.glob("*.safetensors")))
     if (model_dir / "checkpoints").is_dir():
         for step_dir in sorted(p for p in (model_dir / "checkpoints").iterdir() if _STEP_DIR.fullmatch(p.name)):
-            _refuse_outside(inside, [step_dir, step_dir / "model.safetensors"])
+            refuse_outside(inside, [step_dir, step_dir / "model.safetensors"])
 
 
-def _refuse_outside(inside: Path, paths: list[Path]) -> None:
+def refuse_outside(inside: Path, paths: list[Path]) -> None:
+    """Refuse, in one line, any of `paths` that is a loop of links or leads outside `inside` (a resolved root)."""
     for path in paths:
         try:
             target = path.resolve()

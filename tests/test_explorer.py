@@ -11,14 +11,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sslens import HookedLlama, SSLensError, load_model
 from sslens.checkpoint import checkpoint_dir, find_models, resolve_model, saved_steps, tokens_seen
+from sslens.features import find_saes, train_saes
 from sslens.lens import EXPLORE_NEW_TOKENS, logit_lens, token_probabilities
 from sslens.pairs import pairs
 from sslens.patching import LogitDiff, pair_batch, sweep
+from sslens.sae import activations, load_sae, save_sae
 
 from conftest import free_port
 
@@ -33,9 +37,10 @@ def start(root: Path, monkeypatch) -> AppTest:
     return AppTest.from_file(str(APP), default_timeout=120).run()
 
 
-def z_of(trace: dict) -> np.ndarray:
-    """A heatmap's values from plotly JSON (plain lists, or plotly's base64 typed arrays)."""
-    z = trace["z"]
+def z_of(trace: dict, key: str = "z") -> np.ndarray:
+    """A heatmap's values (or a bar chart's, key "y") from plotly JSON (plain lists, or plotly's base64 typed
+    arrays)."""
+    z = trace[key]
     if isinstance(z, dict):
         shape = [int(n) for n in str(z.get("shape", "-1")).split(",")]
         return np.frombuffer(base64.b64decode(z["bdata"]), dtype=z["dtype"]).reshape(shape)
@@ -80,6 +85,7 @@ def test_the_three_panels_follow_prompt_checkpoint_layer_and_head(tiny_run, monk
     at.selectbox(key="layer").set_value(1).run()
     at.selectbox(key="head").set_value(2).run()
     assert not at.exception and not at.error
+    assert "Features" not in [h.value for h in at.subheader] and not at.dataframe  # the run has no SAEs
 
     model = load_model(tiny_run, step=64)
     ids = model.tokenizer.encode("the little dog ran to the tree and", add_special_tokens=False).ids
@@ -491,3 +497,122 @@ def test_an_unreadable_file_gives_a_message_not_a_traceback(
     assert not at.exception and not at.get("plotly_chart")
     shown = [e.value for e in (*at.warning, *at.error)]
     assert any(message in text for text in shown), shown
+
+
+# The Features panel: the prompt through a run's sparse autoencoders (issue 21).
+
+SAE_HOOK, SAE_FAMILY = "blocks.1.hook_resid_post", "blocks.1.hook_resid_post/topk-64-k4"
+
+
+@pytest.fixture(scope="module")
+def sae_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's checkpoints 64, 128 and 300 with a small TopK SAE at 64 and 300 (none at 128), its latents
+    named by 200 stories (values.csv without the probes' accuracies); a copy, so the shared run stays without SAEs."""
+    run = small_run(tiny_run, tmp_path_factory.mktemp("features") / "root" / "tiny", steps=(64, 128, 300))
+    shutil.copy(tiny_run / "split.json", run / "split.json")
+    settings = dict(d_sae=64, k=4, tokens=8192, batch_tokens=1024, buffer_tokens=4096)
+    train_saes(run, SAE_HOOK, steps=[64, 300], name_stories=200, probes=False, **settings)  # the panel shows no probes
+    return run
+
+
+def prompt_latents(run: Path, step: int, prompt: str) -> tuple[list[str], torch.Tensor]:
+    """The prompt's tokens and its latent activations [pos, d_sae] through the run's SAE at `step`, computed here."""
+    model, sae = load_model(run, step=step), load_sae(find_saes(run)[SAE_FAMILY][step])
+    ids = model.tokenizer.encode(prompt, add_special_tokens=False).ids
+    with torch.inference_mode():
+        latents = sae.encode(activations(model, SAE_HOOK, torch.tensor([ids])))[0]
+    return [model.tokenizer.id_to_token(i) for i in ids], latents
+
+
+def listed_latents(row: dict) -> list[tuple[int, float, str]]:
+    """A token's row of the panel's table: (latent, activation, name) of each latent listed, most active first."""
+    cells = [row[c] for c in row if c.startswith("top ") and row[c]]
+    return [(int(m[1]), float(m[2]), m[3]) for m in (re.fullmatch(r"#(\d+) ([\d.]+) ?(.*)", c) for c in cells)]
+
+
+def test_the_features_panel_shows_each_tokens_most_active_latents_at_the_current_checkpoint(sae_run, monkeypatch):
+    at = start(sae_run.parent, monkeypatch)
+    assert not at.exception and not at.error and "Features" in [h.value for h in at.subheader]
+    prompt = at.text_area(key="prompt").value
+    shown = {}
+    for step in (300, 64):
+        at.select_slider(key="step").set_value(step).run()
+        directory = find_saes(sae_run)[SAE_FAMILY][step]
+        assert not at.exception and not at.error and any(directory.name in c.value for c in at.caption)
+        tokens, expected = prompt_latents(sae_run, step, prompt)
+        table = at.dataframe[0].value
+        assert table["token"].tolist() == tokens  # a row per prompt token
+        names = pd.read_csv(directory / "latents.csv", keep_default_na=False).set_index("latent")
+        values, top = expected.topk(3, dim=-1)
+        for row, vs, ls in zip(table.to_dict("records"), values.tolist(), top.tolist()):
+            listed = listed_latents(row)
+            assert [j for j, _, _ in listed] == [j for v, j in zip(vs, ls) if v > 0]
+            assert [a for _, a, _ in listed] == pytest.approx([v for v in vs if v > 0], abs=6e-3)
+            for j, _, name in listed:
+                label, value, auroc = names.loc[j, ["label", "value", "auroc"]]
+                named = f"{label}={value} (AUROC {auroc:.2f})" if label else ""
+                assert name.startswith(named) and (label or name == "" or name.startswith("slot "))
+        shown[step] = table
+        assert_the_latent_details(at, directory, expected)
+    assert not shown[64].equals(shown[300])
+    at.select_slider(key="step").set_value(128).run()
+    assert not at.exception and not at.error and not at.dataframe
+    assert [i.value for i in at.info] == [f"{SAE_FAMILY} has no SAE at step 128; steps with one: 64, 300"]
+
+
+def assert_the_latent_details(at: AppTest, directory: Path, expected: torch.Tensor) -> None:
+    """The latent picked at first is the prompt's most active; its name row, top contexts, peak histogram and
+    activation over the prompt are those of `directory`'s files and of `expected` (the prompt's latents)."""
+    box = next(s for s in at.selectbox if s.label.startswith("Latent"))
+    latent = int(expected.max(0).values.argmax())
+    assert box.value == latent and box.options[0].startswith(f"#{latent} ")
+    row, contexts = at.table[1].value, at.table[2].value
+    assert row["latent"].tolist() == [latent]
+    assert contexts["context"].tolist() == [
+        c["context"] for c in json.loads((directory / "contexts.json").read_text())[str(latent)]
+    ]
+    figs = charts(at)
+    np.testing.assert_allclose(z_of(figs["feature_tokens"]["data"][0], "y"), expected[:, latent].numpy(), atol=1e-5)
+    histogram = load_file(directory / "histograms.safetensors")
+    np.testing.assert_array_equal(z_of(figs["feature_histogram"]["data"][0], "y"), histogram["counts"][latent].numpy())
+    titles = [(f["layout"]["xaxis"]["title"]["text"], f["layout"]["yaxis"]["title"]["text"]) for f in figs.values()]
+    assert ("peak activation in a story", "stories") in titles and ("prompt token", "activation") in titles
+
+
+def test_the_features_panel_rereads_a_replaced_sae_shows_unnamed_latents_and_picks_a_family(
+    sae_run, tmp_path, monkeypatch
+):
+    run = Path(shutil.copytree(sae_run, tmp_path / "root" / "tiny"))
+    at = start(tmp_path / "root", monkeypatch)
+    before = at.dataframe[0].value
+    assert any(name for row in before.to_dict("records") for _, _, name in listed_latents(row))
+    directory = find_saes(run)[SAE_FAMILY][300]
+    save_sae(load_sae(find_saes(run)[SAE_FAMILY][64]), directory)  # trained again, on stories without labels
+    at.run()
+    assert not at.exception and not at.error
+    _, expected = prompt_latents(run, 300, at.text_area(key="prompt").value)
+    rows = at.dataframe[0].value.to_dict("records")
+    values, top = expected.max(-1)
+    assert [listed_latents(r)[0][0] for r in rows] == top.tolist()  # each token's most active latent, now unnamed
+    assert [listed_latents(r)[0][1] for r in rows] == pytest.approx(values.tolist(), abs=6e-3)
+    assert not at.dataframe[0].value.equals(before) and all(n == "" for r in rows for _, _, n in listed_latents(r))
+    assert len(at.table) == 1 and set(charts(at)) & {"feature_histogram", "feature_tokens"} == {"feature_tokens"}
+    shutil.copytree(directory.parent, directory.parents[1] / "relu-64")  # a second family
+    at.run()
+    assert at.selectbox(key="sae_family").options == [f"{SAE_HOOK}/relu-64", SAE_FAMILY]
+    at.selectbox(key="sae_family").set_value(f"{SAE_HOOK}/relu-64").run()
+    assert not at.exception and not at.error and any("relu-64/step_0000300" in c.value for c in at.caption)
+
+
+@pytest.mark.parametrize("linked", ["saes", f"saes/{SAE_FAMILY}/step_0000300/sae_weights.safetensors"])
+def test_an_sae_file_leading_outside_the_root_is_refused_and_never_read(linked, sae_run, tmp_path, monkeypatch):
+    run = Path(shutil.copytree(sae_run, tmp_path / "root" / "tiny"))
+    outside = tmp_path / "outside" / linked
+    outside.parent.mkdir(parents=True)
+    (run / linked).rename(outside)
+    (run / linked).symlink_to(outside)
+    reads = watch_reads(outside)
+    at = start(tmp_path / "root", monkeypatch)
+    assert not at.exception and not at.dataframe and len(at.get("plotly_chart")) == 5  # the other panels are shown
+    assert any(f"tiny/{linked} leads outside the runs root" in e.value for e in at.error), at.error
+    assert reads() == []
