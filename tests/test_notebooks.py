@@ -16,6 +16,7 @@ def test_notebooks_are_committed_without_outputs():
         "02_metadata_probes.ipynb",
         "03_training_dynamics.ipynb",
         "04_causal_patching.ipynb",
+        "05_features.ipynb",
     ]
     for path in NOTEBOOKS:
         cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
@@ -23,8 +24,12 @@ def test_notebooks_are_committed_without_outputs():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, tiny_run, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SSLENS_RUN", str(tiny_run))
+    monkeypatch.setenv("SSLENS_SAE_OUT", str(tmp_path))  # the shared run stays without SAEs
+    for name, value in {"WIDTH": "128", "K": "8", "TOKENS": "20000", "CHECKPOINTS": "2"}.items():
+        monkeypatch.setenv(f"SSLENS_SAE_{name}", value)
+    monkeypatch.setenv("SSLENS_FEATURE_STORIES", "200")
     monkeypatch.setenv("SSLENS_MAX_STORIES", "1000")
     monkeypatch.setenv("SSLENS_PAIRS", "12")
     monkeypatch.setenv("SSLENS_STEP_PAIRS", "4")
