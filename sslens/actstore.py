@@ -1,5 +1,5 @@
 """Activations stored once on disk, so several SAE widths or k values train on the same tokens without running the
-model again. A store holds one hook's activations over the first N tokens of a run's training windows, in order,
+model again. A store holds one hook's activations (a transcoder's: two hooks' side by side) over the first N tokens of a run's training windows, in order,
 as a memory-mapped .npy file (fp32, or bf16 at half the room), written as one directory with one rename, and keyed
 like the token cache: by the model's weights, the hook, the token stream, the window order and N. Its room is
 checked before any activation is computed.
@@ -28,7 +28,7 @@ DTYPES = {"fp32": (torch.float32, np.float32), "bf16": (torch.bfloat16, np.uint1
 DATA_FILE, META_FILE = "activations.npy", "store.json"
 
 
-def store_key(model: HookedLlama, hook: str, windows: Batches, n_tokens: int, dtype: str) -> str:
+def store_key(model: HookedLlama, hook: str | list[str], windows: Batches, n_tokens: int, dtype: str) -> str:
     """A hash of what the activations depend on: every weight, the hook, the token stream, the windows' order
     (seed, position, shape) and how many tokens are kept, in which dtype."""
     h = hashlib.blake2b(digest_size=12)
@@ -42,7 +42,12 @@ def store_key(model: HookedLlama, hook: str, windows: Batches, n_tokens: int, dt
 
 
 def activation_store(
-    model: HookedLlama, hook: str, windows: Batches, n_tokens: int, dtype: str = "fp32", root: Path | None = None
+    model: HookedLlama,
+    hook: str | list[str],
+    windows: Batches,
+    n_tokens: int,
+    dtype: str = "fp32",
+    root: Path | None = None,
 ) -> Path:
     """The store of `hook`'s activations over the first `n_tokens` tokens of `windows` (built if missing, refused
     before any work if the disk lacks the room)."""
@@ -51,7 +56,8 @@ def activation_store(
     path = Path(root or cache_root() / "activations") / store_key(model, hook, windows, n_tokens, dtype)
     if (path / META_FILE).is_file():
         return path
-    d_in = feature_widths(model, [hook])[0]
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    d_in = sum(feature_widths(model, hooks))
     need = n_tokens * d_in * np.dtype(DTYPES[dtype][1]).itemsize
     if need > (free := free_bytes(path.parent)):
         raise SSLensError(
@@ -63,12 +69,12 @@ def activation_store(
         data = np.lib.format.open_memmap(tmp / DATA_FILE, mode="w+", dtype=DTYPES[dtype][1], shape=(n_tokens, d_in))
         filled = 0
         while filled < n_tokens:
-            part = activations(model, hook, next(windows)[:, :-1]).flatten(0, 1)[: n_tokens - filled].cpu()
+            part = activations(model, hooks, next(windows)[:, :-1]).flatten(0, 1)[: n_tokens - filled].cpu()
             data[filled : filled + len(part)] = to_numpy(part, dtype)
             filled += len(part)
         data.flush()
         del data
-        meta = {"hook": hook, "tokens": n_tokens, "d_in": d_in, "dtype": dtype, "model": model.cfg.model_name}
+        meta = {"hooks": hooks, "tokens": n_tokens, "d_in": d_in, "dtype": dtype, "model": model.cfg.model_name}
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=1) + "\n")
     return path
 
@@ -91,8 +97,8 @@ class StoredActivations:
 
     def __init__(self, path: Path, cfg: SAEConfig):
         meta = json.loads((Path(path) / META_FILE).read_text())
-        if meta["hook"] != cfg.hook_name or meta["d_in"] != cfg.d_in:
-            raise SSLensError(f"{path} stores {meta['hook']} (width {meta['d_in']}), not {cfg.hook_name}")
+        if meta["hooks"] != cfg.hooks:
+            raise SSLensError(f"{path} stores {' + '.join(meta['hooks'])}, not {' + '.join(cfg.hooks)}")
         self.data, self.dtype, self.cfg = np.load(Path(path) / DATA_FILE, mmap_mode="r"), meta["dtype"], cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.order, self.used = self.rng.permutation(len(self.data)), 0

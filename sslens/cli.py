@@ -243,6 +243,7 @@ def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
         raise SSLensError("give --step N or --steps, not both")
     steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
     settings = {"d_sae": args.width, "k": args.k, "arch": args.arch, "tokens": args.tokens, "seed": args.seed}
+    settings["hook_name_out"] = args.hook_out or ""
     if args.l1 is not None:
         settings["l1_coefficient"] = args.l1
     paths = train_saes(
@@ -547,6 +548,12 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     sa.add_argument("--seed", type=int, default=0, help="initialisation, window order and shuffling")
     sa.add_argument("--name_stories", type=int, default=CARD_PROBE_STORIES, help="labelled stories to name latents")
+    sa.add_argument(
+        "--hook_out",
+        metavar="HOOK",
+        help="train a transcoder: read --hook, reconstruct this hook "
+        "(e.g. --hook blocks.2.ln2.hook_normalized --hook_out blocks.2.hook_mlp_out: the MLP)",
+    )
     sa.add_argument(
         "--store",
         choices=["fp32", "bf16"],

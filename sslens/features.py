@@ -257,8 +257,10 @@ def slot_table(acts: StoryActivations) -> pd.DataFrame:
 
 
 def sae_dir(path: str | Path, cfg: SAEConfig, step: int | None) -> Path:
-    """Where a model's SAE lives: MODEL/saes/HOOK/ARCH-WIDTH[-kK]/step_NNNNNNN (or .../final without steps)."""
+    """Where a model's SAE lives: MODEL/saes/HOOK/ARCH-WIDTH[-kK][-to-HOOK_OUT]/step_NNNNNNN (or .../final without
+    steps); a transcoder's name ends with its target hook."""
     name = f"{cfg.arch}-{cfg.d_sae}" + (f"-k{cfg.k}" if cfg.arch == "topk" else "")
+    name += f"-to-{cfg.hook_name_out}" if cfg.transcoder else ""
     return Path(path) / "saes" / cfg.hook_name / name / ("final" if step is None else f"step_{step:07d}")
 
 
@@ -309,12 +311,10 @@ def train_saes(
         model = load_model(path, step).eval()
         if model.tokenizer is None:
             raise SSLensError(f"{path} has no tokenizer, so no stories can be encoded for its activations")
-        check_hook(model, hook)
-        cfg = SAEConfig(hook, feature_widths(model, [hook])[0], **settings)
-        cfg.model_name, cfg.step = str(path), model_step(path, step)
+        cfg = sae_config(model, hook, str(path), model_step(path, step), **settings)
         windows = Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, WINDOWS_PER_FORWARD, seed=cfg.seed)
         if store is not None:
-            windows = StoredActivations(activation_store(model, hook, windows, cfg.tokens, store), cfg)
+            windows = StoredActivations(activation_store(model, cfg.hooks, windows, cfg.tokens, store), cfg)
         at = f" at step {cfg.step}" if cfg.step is not None else ""
         target = sae_dir(out or path, cfg, cfg.step)
         resume = target.with_name(f".resume-{target.name}")  # a killed training resumes from here
@@ -330,6 +330,15 @@ def train_saes(
     if len(written) > 1 and all((w / "values.csv").is_file() for w in written):
         write_feature_steps({load_sae(w).cfg.step: w for w in written}, written[0].parent)
     return written
+
+
+def sae_config(model: HookedLlama, hook: str, model_name: str, step: int | None, **settings) -> SAEConfig:
+    """An SAE's settings for this model: its hooks checked, their widths read off the model."""
+    out = settings.get("hook_name_out") or ""
+    for name in [hook] + ([out] if out else []):
+        check_hook(model, name)
+    d_out = feature_widths(model, [out])[0] if out else 0
+    return SAEConfig(hook, feature_widths(model, [hook])[0], **settings, d_out=d_out, model_name=model_name, step=step)
 
 
 def name_latents(

@@ -14,6 +14,10 @@ The recipe. Both architectures encode f = act((x - b_dec) W_enc + b_enc) and dec
 - ReLU (Bricken et al., 2023; Conerly et al., 2024 update): act is a ReLU; loss = squared error + l1_coefficient x
   the sum of activations (times the unit decoder norms), the coefficient warmed up over the first 5% of steps.
 The squared error is summed over dimensions and averaged over tokens, as SAELens's training MSE.
+- A transcoder (Dunefsky et al., 2024, "Transcoders find interpretable LLM feature circuits") reads one hook and
+  reconstructs another, e.g. an MLP's input to its output: f = act(x W_enc + b_enc), y^ = f W_dec + b_dec, the same
+  recipe against the target y. Both sides are scaled by the constant that gives the target E||y||^2 = d_out; W_enc
+  starts as random unit rows of its own; b_dec at the targets' geometric median.
 
 An interrupted training resumes where its last saved state left off (`resume`: every `save_every` steps, the
 weights, Adam's moments, the stream's buffer, position and random state, written atomically), and ends bitwise equal
@@ -45,11 +49,11 @@ RESUME_FILE, RESUME_META = "resume.safetensors", "resume.json"
 
 
 class ActivationStream:
-    """`hook`'s activations, a batch of tokens at a time in shuffled order: forwards over token windows fill a
+    """`hook`'s activations (or several hooks' side by side), a batch of tokens at a time in shuffled order: forwards over token windows fill a
     buffer; once half of it is used, new activations replace that half and it is shuffled again, so a batch mixes
     tokens of many windows and positions. Its state is the windows read, and the random generator."""
 
-    def __init__(self, model: HookedLlama, hook: str, windows: Batches, cfg: SAEConfig):
+    def __init__(self, model: HookedLlama, hook: str | list[str], windows: Batches, cfg: SAEConfig):
         self.model, self.hook, self.windows, self.cfg = model, hook, windows, cfg
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.buffer = self._read(cfg.buffer_tokens)
@@ -94,13 +98,15 @@ def input_scale(sample: Float[Tensor, "n d_in"]) -> float:
 
 
 def losses(
-    sae: SparseAutoencoder, x: Float[Tensor, "batch d_in"], dead: Tensor, l1_coefficient: float
+    sae: SparseAutoencoder, batch: Float[Tensor, "batch d_batch"], dead: Tensor, l1_coefficient: float
 ) -> tuple[Tensor, dict[str, float], Tensor]:
-    """The training loss of one batch, its parts, and which latents fired."""
+    """The training loss of one batch (inputs, and a transcoder's targets beside them), its parts, and which latents
+    fired."""
+    x, y = sae.split(batch)
     pre = sae.pre_activations(x)
     f = sae.activate(pre)
-    x_hat = sae.decode(f)
-    mse = (x_hat - x).pow(2).sum(-1).mean()
+    y_hat = sae.decode(f)
+    mse = (y_hat - y).pow(2).sum(-1).mean()
     parts = {"mse": mse.item()}
     if sae.cfg.arch == "relu":
         sparsity = (f * sae.W_dec.norm(dim=-1)).sum(-1).mean()
@@ -109,7 +115,7 @@ def losses(
     else:
         loss = mse
         if int(dead.sum()) > 0:
-            aux = aux_loss(sae, pre, dead, x - x_hat.detach())
+            aux = aux_loss(sae, pre, dead, y - y_hat.detach())
             parts["aux"] = aux.item()
             loss = loss + sae.cfg.aux_coefficient * aux
     return loss, parts, (f > 0).any(0)
@@ -118,7 +124,7 @@ def losses(
 def aux_loss(sae: SparseAutoencoder, pre: Tensor, dead: Tensor, error: Tensor) -> Tensor:
     """AuxK: the dead latents' `aux_k` largest pre-activations reconstruct the error (without b_dec), normalised
     by the error's variance."""
-    k = min(sae.cfg.aux_k or sae.cfg.d_in // 2, int(dead.sum()))
+    k = min(sae.cfg.aux_k or sae.cfg.d_out // 2, int(dead.sum()))
     values, indices = pre[:, dead].topk(k, dim=-1, sorted=False)
     rows = dead.nonzero().squeeze(1)[indices]  # the k latents, as rows of W_dec
     decoded = F.embedding_bag(rows, sae.W_dec, per_sample_weights=values.relu(), mode="sum")  # only k rows each
@@ -149,9 +155,10 @@ def train_sae(
     activations' size does not carry over). With `resume`, the state is saved there every `save_every` steps and a
     state found there is resumed from. Returns it with the scaling folded in (it takes raw activations), and a log
     row every 50 steps."""
-    check_hook(model, cfg.hook_name)
-    stream = ActivationStream(model, cfg.hook_name, source, cfg) if isinstance(source, Batches) else source
-    scale = input_scale(stream.buffer)
+    for hook in cfg.hooks:
+        check_hook(model, hook)
+    stream = ActivationStream(model, cfg.hooks, source, cfg) if isinstance(source, Batches) else source
+    scale = input_scale(stream.buffer[:, -cfg.d_out :])  # from the targets: an autoencoder's inputs
     sae = SparseAutoencoder(cfg)
     if start is None:
         sae.initialise(stream.buffer * scale)
@@ -221,7 +228,7 @@ def load_resume(
 
 
 def train_step(
-    sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: Float[Tensor, "batch d_in"], dead: Tensor, l1: float
+    sae: SparseAutoencoder, opt: torch.optim.Optimizer, x: Float[Tensor, "batch d_batch"], dead: Tensor, l1: float
 ) -> tuple[Tensor, dict[str, float], Tensor]:
     """One optimiser step on a batch of (scaled) activations, the decoder rows kept at unit norm: the loss, its
     parts, and which latents fired."""

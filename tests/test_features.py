@@ -155,8 +155,8 @@ def test_the_probe_beside_each_value_is_sslens_probe(tiny_run, tmp_path):
     from sslens.probe import probe
 
     model = load_model(tiny_run).eval()
-    _, val = sae_stories(tiny_run)
-    named = val.select(range(150)).select_columns(["story", "theme"])
+    train, _ = sae_stories(tiny_run)
+    named = train.select(range(150)).select_columns(["story", "theme"])
     sae = SparseAutoencoder(SAEConfig("blocks.1.hook_resid_post", 64, 32, k=4))
     sae.initialise(torch.randn(50, 64))
     name_latents(model, sae, datasets.Dataset.from_dict(named.to_dict()), tmp_path)

@@ -170,6 +170,40 @@ def test_an_interrupted_training_resumes_bitwise(tiny_run, tmp_path, monkeypatch
         train_sae(model, source(), other, resume=tmp_path / "resume")
 
 
+def test_an_exact_transcoder_from_hook_z_to_attn_out_recovers_all_the_loss(tiny_run):
+    """attn_out = z W_O is linear, so latents z+ and z- decoded through +-W_O are exact: spliced in at hook_attn_out
+    from hook_z read earlier in the same forward, nothing changes; a transcoder decoding nothing is zero ablation."""
+    model = load_model(tiny_run).eval()
+    _, val = sae_stories(tiny_run)
+    held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, 4)
+    d_z, w_o = model.cfg.n_heads * model.cfg.d_head, model.blocks[1].attn.W_O.detach().flatten(0, 1)
+    cfg = SAEConfig("blocks.1.attn.hook_z", d_z, 2 * d_z, "relu", hook_name_out="blocks.1.hook_attn_out", d_out=64)
+    exact = SparseAutoencoder(cfg)
+    with torch.no_grad():
+        exact.W_enc.copy_(torch.cat([torch.eye(d_z), -torch.eye(d_z)], 1))
+        exact.W_dec.copy_(torch.cat([w_o, -w_o], 0))
+    result = evaluate_sae(model, exact, held_out, max_windows=8)
+    assert result.fvu < 1e-8 and result.ce_sae == pytest.approx(result.ce_clean, abs=1e-4)
+    assert result.ce_recovered == pytest.approx(1.0, abs=1e-3) and result.ce_zero > result.ce_clean + 0.01
+    nothing = evaluate_sae(model, SparseAutoencoder(cfg), held_out, max_windows=8)
+    assert nothing.ce_sae == pytest.approx(nothing.ce_zero, abs=1e-5) and nothing.ce_recovered == pytest.approx(0.0)
+
+
+def test_a_transcoder_learns_an_mlp(tiny_run, tmp_path):
+    """Block 1's MLP, from its normalised input to its output (`hook_name_out`, `sslens sae --hook_out`), saved in
+    its own directory; most of the MLP's variance and of the loss it is worth come back."""
+    settings = {"d_sae": 256, "k": 8, "tokens": 300_000, "batch_tokens": 1024, "warmup_steps": 20}
+    (path,) = train_saes(
+        tiny_run, "blocks.1.ln2.hook_normalized", [300], out=tmp_path, name_stories=100, probes=False,
+        hook_name_out="blocks.1.hook_mlp_out", **settings,
+    )  # fmt: skip
+    assert path == tmp_path / "saes/blocks.1.ln2.hook_normalized/topk-256-k8-to-blocks.1.hook_mlp_out/step_0000300"
+    sae, result = load_sae(path), read_eval(path)
+    assert sae.cfg.transcoder and sae.cfg.hook_name_out == "blocks.1.hook_mlp_out" and sae.W_dec.shape == (256, 64)
+    assert result.fvu < 0.35 and result.ce_recovered > 0.6 and result.l0 == pytest.approx(8, abs=0.01)
+    assert (path / "latents.csv").is_file()  # named by its input's activations, as an SAE is
+
+
 def test_saved_in_saelens_layout_and_read_back(tmp_path):
     sae = identity_sae(4, "topk")
     with torch.no_grad():
@@ -243,6 +277,14 @@ def test_bad_sae_settings_are_one_line(tiny_run, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("sslens: ") and "has no hook 'blocks.7.hook_resid_post'" in err and "\n" not in err
+    for hook_out, message in [
+        ("blocks.1.ln2.hook_normalized", "a transcoder reconstructs another hook than it reads"),
+        ("blocks.1.hook_mlp_outt", "has no hook 'blocks.1.hook_mlp_outt'"),
+    ]:
+        with pytest.raises(SystemExit):
+            main(["sae", str(tiny_run), "--hook", "blocks.1.ln2.hook_normalized", "--hook_out", hook_out])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("sslens: ") and message in err and "\n" not in err
     with pytest.raises(SSLensError, match="not an SAE directory"):
         load_sae(tiny_run)
     with pytest.raises(SSLensError, match="has no checkpoint at step 5"):
@@ -291,24 +333,26 @@ def saelens_python(tmp_path_factory) -> str:
 @pytest.mark.slow
 def test_saelens_reads_our_files_and_computes_what_we_do(saelens_python, tmp_path):
     """SAELens's own loader on our directories (TopK; ReLU, its "standard"; a hook_z SAE, which it reshapes per
-    head), with a nonzero encoder bias and a decoder off unit norm (as saved after folding the input scale): its
+    head; a ReLU transcoder, its "transcoder", whose b_dec is in the output space), with a nonzero encoder bias and a decoder off unit norm (as saved after folding the input scale): its
     encode and decode equal ours."""
     gen = torch.Generator().manual_seed(0)
     cases = {
         "topk": ("blocks.1.hook_resid_post", "topk", (64,)),
         "relu": ("blocks.1.hook_mlp_out", "relu", (64,)),
         "hook_z": ("blocks.0.attn.hook_z", "topk", (4, 16)),
+        "transcoder": ("blocks.1.ln2.hook_normalized", "relu", (64,)),  # to hook_mlp_out, 48 wide here
     }
     inputs, ours = {}, {}
     for name, (hook, arch, shape) in cases.items():
         x = torch.randn(32, math.prod(shape), generator=gen) * 3
-        sae = SparseAutoencoder(SAEConfig(hook, x.shape[1], 256, arch, k=8, model_name="tiny"))
-        sae.initialise(x)
+        out = {"hook_name_out": "blocks.1.hook_mlp_out", "d_out": 48} if name == "transcoder" else {}
+        sae = SparseAutoencoder(SAEConfig(hook, x.shape[1], 256, arch, k=8, model_name="tiny", **out))
+        sae.initialise(torch.cat([x, torch.randn(32, 48, generator=gen)], 1) if out else x)
         with torch.no_grad():
             sae.b_enc.copy_(torch.randn(256, generator=gen) * 0.1)
         sae = sae.rescaled(0.5)
         save_sae(sae, tmp_path / name)
-        inputs[name], ours[name] = x.view(32, *shape), (sae.encode(x), sae(x).view(32, *shape))
+        inputs[name], ours[name] = x.view(32, *shape), (sae.encode(x), sae(x).view(32, *(shape if not out else (48,))))
     save_file(inputs, tmp_path / "inputs.safetensors")
     done = subprocess.run(
         [saelens_python, "-c", SAELENS_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=600
@@ -320,6 +364,7 @@ def test_saelens_reads_our_files_and_computes_what_we_do(saelens_python, tmp_pat
         "topk": "TopKSAE",
         "relu": "StandardSAE",
         "hook_z": "TopKSAE",
+        "transcoder": "Transcoder",
         "versions": printed[-1],
     }
     theirs = load_file(tmp_path / "saelens.safetensors")
