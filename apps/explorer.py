@@ -16,22 +16,19 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 import torch
 from plotly.subplots import make_subplots
-from safetensors.numpy import load_file
 
 from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, refuse_outside, resolve_model, saved_steps, tokens_seen
-from sslens.features import HISTOGRAMS_FILE, find_saes
+from sslens.features import find_saes, latent_name, read_naming
 from sslens.generate import prompt_ids
 from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, explore
 from sslens.pairs import SLOT_FACTORS, pairs
@@ -42,7 +39,6 @@ PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoo
 CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
 WINDOW = 32  # positions the attention and lens maps show at first: wide enough to read each token's label
 TOP_LATENTS = 3  # latents listed per prompt token: what a token evokes most, few enough to read down the table
-SLOT_LIFT = 2.0  # a latent's story slot is part of its name once the slot takes twice its share of all tokens
 SIDEBAR_CSS = "<style>section[data-testid='stSidebar'] [data-testid='stSliderTickBar'] {display: none}</style>"
 
 
@@ -333,16 +329,8 @@ def sae_at(directory: str, stamp: tuple) -> SparseAutoencoder:
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def sae_notes(directory: str, stamp: tuple) -> dict:
-    """What naming wrote beside an SAE (sslens.features.name_latents): "latents" (latents.csv as a table),
-    "contexts" (contexts.json) and "histograms" (each latent's peak activation per story), each None where absent:
-    an SAE trained on stories without labels has none, and its latents are shown without names."""
-    d = Path(directory)
-    latents, contexts, histograms = d / "latents.csv", d / "contexts.json", d / HISTOGRAMS_FILE
-    return {
-        "latents": pd.read_csv(latents, keep_default_na=False) if latents.is_file() else None,
-        "contexts": json.loads(contexts.read_text()) if contexts.is_file() else None,
-        "histograms": load_file(histograms) if histograms.is_file() else None,
-    }
+    """`sslens.features.read_naming`, cached; `stamp` (sae_stamp) only keys the cache."""
+    return read_naming(directory)
 
 
 @st.cache_data(max_entries=32, show_spinner="Encoding the prompt ...")
@@ -361,17 +349,6 @@ def prompt_latents(path: str, step: int | None, directory: str, stamp: tuple, pr
             )
         latents = sae.encode(x.to(sae.W_enc.device))[0].cpu().numpy()
     return [model.tokenizer.id_to_token(i) for i in ids], latents
-
-
-def latent_name(row: dict) -> str:
-    """A latent as latents.csv names it: the label value it separates best, with that AUROC, and its story slot where
-    the slot's share of the latent is SLOT_LIFT times its share of all tokens; "" for a latent nothing names."""
-    parts = []
-    if row.get("label"):
-        parts.append(f"{row['label']}={row['value']} (AUROC {float(row['auroc']):.2f})")
-    if row.get("slot") and float(row.get("slot_lift") or 0) >= SLOT_LIFT:
-        parts.append(f"slot {row['slot']} (x{float(row['slot_lift']):.1f})")
-    return ", ".join(parts)
 
 
 def token_table(tokens: list[str], latents: np.ndarray, names: dict[int, str]) -> list[dict]:

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save as save_tensors
 from scipy.stats import rankdata
 from torch import Tensor
@@ -59,6 +60,7 @@ SLOTS = ("hero", "friend", "pronoun", "object", "creature", "place")  # slot i +
 WINDOWS_PER_FORWARD = 16
 MIN_STORIES_PER_VALUE = 5  # fewer positives make an AUROC of 1 a matter of luck
 HISTOGRAMS_FILE, HISTOGRAM_BINS = "histograms.safetensors", 24
+SLOT_LIFT = 2.0  # a slot is part of a latent's name once it takes twice its share of all tokens
 
 
 @dataclass
@@ -273,6 +275,30 @@ def find_saes(path: str | Path) -> dict[str, dict[int | None, Path]]:
             step = None if where.name == "final" else int(where.name.removeprefix("step_"))
             found.setdefault(f"{where.parent.parent.name}/{where.parent.name}", {})[step] = where
     return found
+
+
+def read_naming(directory: str | Path) -> dict:
+    """What `name_latents` wrote beside an SAE: "latents" (latents.csv, empty cells as ""), "contexts"
+    (contexts.json) and "histograms" (`peak_histograms`, as numpy arrays), each None where absent: an SAE trained on
+    stories without labels has none."""
+    d = Path(directory)
+    latents, contexts, histograms = d / "latents.csv", d / "contexts.json", d / HISTOGRAMS_FILE
+    return {
+        "latents": pd.read_csv(latents, keep_default_na=False) if latents.is_file() else None,
+        "contexts": json.loads(contexts.read_text()) if contexts.is_file() else None,
+        "histograms": load_numpy(histograms) if histograms.is_file() else None,
+    }
+
+
+def latent_name(row: dict, min_lift: float = SLOT_LIFT) -> str:
+    """A latent as latents.csv names it: the label value it separates best, with that AUROC, and its story slot where
+    the slot's share of the latent is `min_lift` times its share of all tokens; "" for a latent nothing names."""
+    parts = []
+    if row.get("label"):
+        parts.append(f"{row['label']}={row['value']} (AUROC {float(row['auroc']):.2f})")
+    if row.get("slot") and float(row.get("slot_lift") or 0) >= min_lift:
+        parts.append(f"slot {row['slot']} (x{float(row['slot_lift']):.1f})")
+    return ", ".join(parts)
 
 
 def sae_stories(path: str | Path, data: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:

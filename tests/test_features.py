@@ -173,3 +173,12 @@ def test_peak_histograms_count_the_stories_by_hand():
     h = peak_histograms(acts, bins=4)
     assert h["counts"].tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]  # 0.26 -> bin 1, 0.5 -> 2, 1.0 -> the last
     assert h["top"].tolist() == [1.0, 1.0] and h["silent"].tolist() == [1, 3]
+
+
+def test_a_latent_is_named_by_its_best_value_and_a_strong_slot():
+    from sslens.features import latent_name
+
+    row = {"label": "theme", "value": "courage", "auroc": 0.934, "slot": "hero", "slot_lift": 2.5}
+    assert latent_name(row) == "theme=courage (AUROC 0.93), slot hero (x2.5)"
+    assert latent_name(row, min_lift=3.0) == "theme=courage (AUROC 0.93)"
+    assert latent_name({"label": "", "value": "", "auroc": 0.5, "slot": "hero", "slot_lift": 1.5}) == ""
