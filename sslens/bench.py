@@ -505,7 +505,7 @@ def bench_suite(
     """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
 
     Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, nothing compiled, one warm
-    explorer run, 6-token patching sweeps.
+    explorer run, 6-token patching sweeps, a 1024-wide SAE on 1024-token batches.
     """
     check_device(device)
     reps = 2 if quick else reps
@@ -528,7 +528,8 @@ def bench_suite(
     )
     explorer = bench_explorer(preset, reps=few, device=device)
     rows += probe_rows + bench_patching(pos=6 if quick else 12, reps=max(2, few), device=device)
-    rows += bench_sae(preset, batch_tokens=1024 if quick else 4096, reps=max(2, few), device=device)
+    sae_size = {"d_sae": 1024, "batch_tokens": 1024} if quick else {}
+    rows += bench_sae(preset, reps=max(2, few), device=device, **sae_size)
     return rows, explorer | probe_fit
 
 

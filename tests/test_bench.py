@@ -115,6 +115,8 @@ def test_cli_bench_writes_json(tmp_path):
         "probe_fit_s_per_hook",
         "patch_heads_vs_tl",
         "attribution_vs_activation",
+        "sae_train_step",
+        "sae_activation_stream_vs_forward",
     }
 
 
