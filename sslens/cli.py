@@ -231,6 +231,19 @@ def cmd_patch(args: argparse.Namespace, overrides: list[str]) -> None:
     print(f"patched {len(rows)} {factor} pairs; wrote " + ", ".join(str(p) for p in paths))
 
 
+def cmd_lens_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    import pandas as pd
+
+    from .tuned_lens import EVAL_FILE, format_evaluation, train_lenses
+
+    _no_extra(overrides)
+    if args.step is not None and args.steps:
+        raise SSLensError("give --step N or --steps, not both")
+    steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
+    for path in train_lenses(args.model, steps, args.tokens, args.data, progress=True):
+        print(f"{path}:\n" + format_evaluation(pd.read_csv(path / EVAL_FILE)))
+
+
 def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
     import pandas as pd
 
@@ -615,6 +628,21 @@ def parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--out", required=True, metavar="FILE.parquet", help="where to write them")
     pp.set_defaults(run=cmd_data_pairs)
+    ln = sub.add_parser("lens", help="tuned lenses").add_subparsers(dest="lens_command", required=True)
+    lt = ln.add_parser(
+        "train",
+        help="train a tuned lens per checkpoint and compare it with the logit lens",
+        description="For each layer an affine translator, trained with the model frozen so that the final norm and "
+        "unembedding of the translated residual match the model's final distribution (KL), on the run's own "
+        "stories; evaluated on held-out stories (KL to the final distribution and next-token CE, logit vs tuned "
+        "lens) and saved in RUN/lenses/step_N with lens_eval.csv.",
+    )
+    lt.add_argument("model", help="a run directory (or a checkpoint or HF directory)")
+    lt.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    lt.add_argument("--steps", help="'all' or steps like 0,64,1024: a lens per checkpoint")
+    lt.add_argument("--tokens", type=int, default=262_144, help="training tokens per lens")
+    lt.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
+    lt.set_defaults(run=cmd_lens_train)
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="tokenizer_command", required=True)
     tt = t.add_parser("train", help="train the SimpleStories WordPiece recipe on a story source")
     tt.add_argument(

@@ -32,16 +32,16 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from .actstore import StoredActivations, activation_store
-from .checkpoint import load_model, read_split, requested_steps
+from .checkpoint import load_model, requested_steps
 from .config import CARD_PROBE_STORIES
-from .data import Batches, load_stories, tokenize, training_stories, validation_stories
+from .data import Batches, tokenize
 from .errors import SSLensError
 from .feature_steps import write_feature_steps
 from .fileio import atomic_write_bytes, atomic_write_text
 from .generate import left_pad
 from .model import HookedLlama
-from .probe import feature_widths, fit, harvest, majority_accuracy, split, story_tokens, training_data
-from .runcard import eval_stories, is_synth, model_step
+from .probe import feature_widths, fit, harvest, majority_accuracy, split, story_tokens
+from .runcard import eval_stories, is_synth, model_step, run_stories
 from .sae import (
     WEIGHTS_FILE,
     SAEConfig,
@@ -301,15 +301,6 @@ def latent_name(row: dict, min_lift: float = SLOT_LIFT) -> str:
     return ", ".join(parts)
 
 
-def sae_stories(path: str | Path, data: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(training stories, held-out stories): a run's own split; for another model, `data`'s (default: synth)."""
-    record = read_split(path) if (Path(path) / "config.yaml").is_file() else None
-    if record is not None and data is None:
-        return training_stories(record), validation_stories(record)
-    source = data or training_data(path) or "synth"
-    return load_stories(source, "train"), load_stories(source, "test")
-
-
 def train_saes(
     path: str | Path,
     hook: str,
@@ -330,7 +321,7 @@ def train_saes(
     "bf16") the activations are read from an on-disk store (`actstore.activation_store`), built once per checkpoint,
     hook and token count and reused by later calls with other widths or k. `settings` are SAEConfig fields."""
     steps = requested_steps(path, steps, "train SAEs on")
-    train, val = sae_stories(path, data)
+    train, val = run_stories(path, data)
     named = eval_stories(path, data, name_stories)[1]
     written, previous = [], None
     for step in steps:

@@ -1,4 +1,5 @@
-"""Reading a model on one prompt: the logit lens, attention-head summaries and next-token probabilities.
+"""Reading a model on one prompt: the logit lens (or a tuned lens), attention-head summaries and next-token
+probabilities.
 
 The explorer and the notebooks draw from these; each returns plain tensors, indexed as the docstrings say.
 """
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from transformer_lens import ActivationCache
 
 from .generate import prompt_ids
@@ -32,19 +33,51 @@ class LogitLens:
     target_ranks: Int[Tensor, "layer pos_minus_1"]  # 0: the lens's top prediction
 
 
+class TunedLens(nn.Module):
+    """The tuned lens (Belrose et al., 2023): one affine translator per residual the logit lens reads except the last
+    (the model's own output), so row l is read as unembed(ln_final(h + h A_l + b_l)). A and b start at zero: an
+    untrained tuned lens is the logit lens."""
+
+    def __init__(self, n_layers: int, d_model: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(n_layers, d_model, d_model))
+        self.b = nn.Parameter(torch.zeros(n_layers, d_model))
+
+    def forward(self, resid: Float[Tensor, "layer_plus_1 ... d_model"]) -> Float[Tensor, "layer_plus_1 ... d_model"]:
+        shape = (len(self.b),) + (1,) * (resid.ndim - 2) + (-1,)
+        early = resid[:-1] + torch.einsum("l...d,lde->l...e", resid[:-1], self.A) + self.b.view(shape)
+        return torch.cat([early, resid[-1:]])
+
+
+def lens_residuals(model: HookedLlama, cache: ActivationCache) -> Float[Tensor, "layer_plus_1 batch pos d_model"]:
+    """The residuals a lens reads, in `LogitLens.labels` order: entering block 0, then leaving each block."""
+    n = model.cfg.n_layers
+    return torch.stack([cache["blocks.0.hook_resid_pre"]] + [cache[f"blocks.{i}.hook_resid_post"] for i in range(n)])
+
+
+def lens_logits(
+    model: HookedLlama, resid: Float[Tensor, "layer_plus_1 ... d_model"], tuned: TunedLens | None = None
+) -> Float[Tensor, "layer_plus_1 ... d_vocab"]:
+    """Each residual read out through the final norm (its own RMS) and the unembedding, translated first by a tuned
+    lens if given."""
+    return model.ln_final(resid if tuned is None else tuned(resid)) @ model.W_U
+
+
 @torch.inference_mode()
 def logit_lens(
-    model: HookedLlama, tokens: Int[Tensor, " pos"], k: int = 5, cache: ActivationCache | None = None
+    model: HookedLlama,
+    tokens: Int[Tensor, " pos"],
+    k: int = 5,
+    cache: ActivationCache | None = None,
+    tuned: TunedLens | None = None,
 ) -> LogitLens:
-    """What each layer's residual stream would predict if the model stopped there. The final norm is applied
-    afresh to each residual (its own RMS), so the last row equals the model's real output."""
+    """What each layer's residual stream would predict if the model stopped there, read by the logit lens or, with
+    `tuned`, a tuned lens. The final norm is applied afresh to each residual (its own RMS), so the last row equals
+    the model's real output."""
     if cache is None:
         _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post")))
     n = model.cfg.n_layers
-    resid = torch.stack(
-        [cache["blocks.0.hook_resid_pre"][0]] + [cache[f"blocks.{i}.hook_resid_post"][0] for i in range(n)]
-    )
-    probs = (model.ln_final(resid) @ model.W_U).float().softmax(-1)  # [layer, pos, d_vocab]
+    probs = lens_logits(model, lens_residuals(model, cache)[:, 0], tuned).float().softmax(-1)  # [layer, pos, vocab]
     top_probs, top_tokens = probs.topk(k, dim=-1)
     targets = tokens[1:].to(probs.device)
     target_probs = probs[:, :-1].gather(-1, targets[None, :, None].expand(n + 1, -1, 1))[..., 0]

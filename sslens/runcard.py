@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import synth
 from .checkpoint import load_model, read_split, requested_steps, saved_steps, tokens_seen
 from .config import CARD_PROBE_STORIES, DEFAULT_PROBE_HOOKS
-from .data import Batches, load_stories, validation_stories
+from .data import Batches, load_stories, training_stories, validation_stories
 from .errors import SSLensError
 from .lens import repeated_tokens_induction_scores
 from .model import HookedLlama
@@ -178,6 +178,16 @@ def card(
 def model_step(path: str | Path, step: int | None) -> int | None:
     steps = saved_steps(path)
     return step if step is not None else (steps[-1] if steps else None)
+
+
+def run_stories(path: str | Path, data: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training stories, held-out stories): a run's own split; for another model, `data`'s (default: synth). What
+    SAEs and tuned lenses train and are evaluated on."""
+    record = read_split(path) if (Path(path) / "config.yaml").is_file() else None
+    if record is not None and data is None:
+        return training_stories(record), validation_stories(record)
+    source = data or training_data(path) or "synth"
+    return load_stories(source, "train"), load_stories(source, "test")
 
 
 def eval_stories(path: str | Path, data: str | None, n_probe: int) -> tuple[datasets.Dataset, datasets.Dataset]:

@@ -9,7 +9,7 @@ from sslens import SSLensError, actstore
 from sslens.actstore import StoredActivations, activation_store
 from sslens.checkpoint import load_model
 from sslens.data import Batches, tokenize
-from sslens.features import sae_stories
+from sslens.runcard import run_stories
 from sslens.sae import SAEConfig, activations
 
 HOOK = "blocks.0.hook_resid_post"
@@ -18,7 +18,7 @@ HOOK = "blocks.0.hook_resid_post"
 @pytest.fixture
 def windows(tiny_run):
     model = load_model(tiny_run).eval()
-    train, _ = sae_stories(tiny_run)
+    train, _ = run_stories(tiny_run)
     return model, lambda: Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, 4, seed=3)
 
 

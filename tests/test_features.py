@@ -15,13 +15,13 @@ from sslens.features import (
     auroc,
     latent_table,
     peak_histograms,
-    sae_stories,
     slot_table,
     story_activations,
     token_slots,
     top_contexts,
     value_table,
 )
+from sslens.runcard import run_stories
 from sslens.sae import SAEConfig, SparseAutoencoder, activations
 
 
@@ -56,7 +56,7 @@ def test_a_planted_latent_is_found_and_named():
 
 def test_story_pooling_over_padded_batches_equals_one_story_at_a_time(tiny_run):
     model = load_model(tiny_run).eval()
-    _, val = sae_stories(tiny_run)
+    _, val = run_stories(tiny_run)
     stories = list(val["story"][:6])
     sae = SparseAutoencoder(SAEConfig("blocks.1.hook_resid_post", 64, 96, k=6))
     sae.initialise(torch.randn(50, 64))
@@ -155,7 +155,7 @@ def test_the_probe_beside_each_value_is_sslens_probe(tiny_run, tmp_path):
     from sslens.probe import probe
 
     model = load_model(tiny_run).eval()
-    train, _ = sae_stories(tiny_run)
+    train, _ = run_stories(tiny_run)
     named = train.select(range(150)).select_columns(["story", "theme"])
     sae = SparseAutoencoder(SAEConfig("blocks.1.hook_resid_post", 64, 32, k=4))
     sae.initialise(torch.randn(50, 64))

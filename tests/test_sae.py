@@ -17,7 +17,8 @@ from sslens import SSLensError
 from sslens.checkpoint import load_model
 from sslens.cli import main
 from sslens.data import Batches, tokenize
-from sslens.features import sae_dir, sae_stories, train_saes
+from sslens.features import sae_dir, train_saes
+from sslens.runcard import run_stories
 from sslens.sae import (
     SAEConfig,
     SparseAutoencoder,
@@ -63,7 +64,7 @@ def test_an_exact_sae_recovers_all_the_loss_and_a_zero_one_none(tiny_run, arch):
     """Spliced in, a perfect reconstruction leaves the model's loss unchanged (recovered 1, fvu 0); a decoder of
     zeros is the zero ablation (recovered 0, fvu 1)."""
     model = load_model(tiny_run).eval()
-    _, val = sae_stories(tiny_run)
+    _, val = run_stories(tiny_run)
     windows = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, 8)
     exact = identity_sae(model.cfg.d_model, arch)
     result = evaluate_sae(model, exact, windows, max_windows=16)
@@ -93,7 +94,7 @@ def test_training_reconstructs_held_out_activations(tiny_run):
     """A TopK SAE on a trained tiny run's residual stream: unit-norm decoder rows (before folding the input scale),
     most variance explained, most of the loss recovered, few dead latents; the ReLU one trains too."""
     model = load_model(tiny_run).eval()
-    train, val = sae_stories(tiny_run)
+    train, val = run_stories(tiny_run)
     held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, 8)
     cfg = SAEConfig("blocks.1.hook_resid_post", 64, 256, k=8, tokens=200_000, batch_tokens=1024, warmup_steps=20)
     sae, log = train_sae(model, Batches(tokenize(train, model.tokenizer), model.cfg.n_ctx, 8), cfg)
@@ -112,7 +113,7 @@ def test_a_warm_start_carries_the_scaled_weights_across_a_change_of_scale(tiny_r
     """Checkpoints' activations differ in size (a fresh model's by ~100x): the next SAE starts from the previous
     one's weights in the scaled space (E||x||^2 = d_in), where both live, not from its raw-unit weights."""
     model = load_model(tiny_run).eval()
-    train, _ = sae_stories(tiny_run)
+    train, _ = run_stories(tiny_run)
     cfg = SAEConfig("blocks.1.hook_resid_post", 64, 32, k=4, tokens=512, batch_tokens=512, buffer_tokens=1024, lr=0.0)
     trained = SparseAutoencoder(cfg)
     trained.initialise(torch.randn(100, 64))
@@ -135,7 +136,7 @@ def test_an_interrupted_training_resumes_bitwise(tiny_run, tmp_path, monkeypatch
     from sslens.actstore import StoredActivations, activation_store
 
     model = load_model(tiny_run).eval()
-    train, _ = sae_stories(tiny_run)
+    train, _ = run_stories(tiny_run)
     cfg = SAEConfig("blocks.1.hook_resid_post", 64, 64, k=4, tokens=10 * 256, batch_tokens=256, buffer_tokens=1024)
     cfg.dead_tokens = 512  # AuxK's dead-latent counter is part of the state too
 
@@ -174,7 +175,7 @@ def test_an_exact_transcoder_from_hook_z_to_attn_out_recovers_all_the_loss(tiny_
     """attn_out = z W_O is linear, so latents z+ and z- decoded through +-W_O are exact: spliced in at hook_attn_out
     from hook_z read earlier in the same forward, nothing changes; a transcoder decoding nothing is zero ablation."""
     model = load_model(tiny_run).eval()
-    _, val = sae_stories(tiny_run)
+    _, val = run_stories(tiny_run)
     held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, 4)
     d_z, w_o = model.cfg.n_heads * model.cfg.d_head, model.blocks[1].attn.W_O.detach().flatten(0, 1)
     cfg = SAEConfig("blocks.1.attn.hook_z", d_z, 2 * d_z, "relu", hook_name_out="blocks.1.hook_attn_out", d_out=64)
