@@ -30,10 +30,11 @@ from sslens import SSLensError, load_model
 from sslens.checkpoint import find_models, refuse_outside, resolve_model, saved_steps, tokens_seen
 from sslens.features import find_saes, latent_name, read_naming
 from sslens.generate import prompt_ids
-from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, explore
+from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, LensView, explore
 from sslens.pairs import SLOT_FACTORS, pairs
 from sslens.patching import LogitDiff, pair_batch, sweep
 from sslens.sae import SparseAutoencoder, activations, check_hook, load_sae
+from sslens.tuned_lens import LENS_FILE, find_tuned_lens, lens_dir
 
 PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
 CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
@@ -69,12 +70,16 @@ def analyse(
     top_k: int,
     top_p: float,
     seed: int,
+    lens_stamp: tuple,
 ) -> Exploration:
-    """Everything the three panels show (see sslens.lens.explore)."""
+    """Everything the three panels show (see sslens.lens.explore), with the checkpoint's tuned lens if it has one
+    (`lens_stamp` only keys the cache: a lens trained or trained again is read afresh)."""
+    model = model_at(path, step)
     return explore(
-        model_at(path, step),
+        model,
         prompt,
         max_new_tokens,
+        tuned=find_tuned_lens(path, step, model),
         temperature=temperature,
         top_k=top_k or None,
         top_p=top_p if top_p < 1 else None,
@@ -196,20 +201,43 @@ def head_scores(result: Exploration) -> None:
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="summary_plot")
 
 
+def lens_stamp(path: Path | str, step: int | None) -> tuple:
+    """The tuned lens file's size and modification time (empty without one): part of analyse's cache key."""
+    if not isinstance(path, Path):
+        return ()
+    file = lens_dir(path, step if step is not None else (saved_steps(path) or [None])[-1]) / LENS_FILE
+    return (file.stat().st_size, file.stat().st_mtime_ns) if file.is_file() else ()
+
+
+def pick_lens(result: Exploration) -> LensView:
+    """The logit lens, or the checkpoint's tuned lens when it has one and it is picked."""
+    choice = st.radio(
+        "Read the residual stream with",
+        ["logit lens", "tuned lens"],
+        horizontal=True,
+        key="lens_kind",
+        disabled=result.tuned_lens is None,
+    )
+    if result.tuned_lens is None:
+        st.caption("No tuned lens at this checkpoint: `sslens lens train RUN --step N` trains one.")
+    return result.tuned_lens if choice == "tuned lens" and result.tuned_lens is not None else result.lens
+
+
 def logit_lens_panel(result: Exploration, shown: slice) -> None:
     """Full width, so that the WINDOW positions shown at first each have room for their top token as text."""
     st.subheader("Logit lens")
+    view = pick_lens(result)
     positions = position_labels(result)
-    top = [row[shown] for row in result.lens_top_tokens]
+    top = [row[shown] for row in view.top_tokens]
     hover = [
         [", ".join(f"{t} {p:.2f}" for t, p in zip(ks, ps)) for ks, ps in zip(row, probs)]
-        for row, probs in zip(top, result.lens_top_probs[:, shown])
+        for row, probs in zip(top, view.top_probs[:, shown])
     ]
     fig = go.Figure(
         go.Heatmap(
-            z=result.lens_top_probs[:, shown, 0],
+            z=view.top_probs[:, shown, 0],
             x=positions[shown],
-            y=result.lens_labels,
+            y=view.labels,
             text=[[ks[0] for ks in row] for row in top],
             texttemplate=cell_text(shown),
             textfont_size=CELL_FONT,
@@ -230,28 +258,33 @@ def logit_lens_panel(result: Exploration, shown: slice) -> None:
     st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="lens")
     targets = slice(shown.start, min(shown.stop, len(positions) - 1))  # the last position has no next token
     if targets.stop > targets.start:
-        fig = go.Figure(
-            go.Heatmap(
-                z=result.lens_target_probs[:, targets],
-                x=positions[1:][targets],
-                y=result.lens_labels,
-                text=result.lens_target_ranks[:, targets],
-                texttemplate=cell_text(targets),
-                textfont_size=CELL_FONT,
-                colorscale="Greens",
-                zmin=0,
-                zmax=1,
-                hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>",
-            )
+        target_heatmap(view, positions, targets)
+
+
+def target_heatmap(view: LensView, positions: list[str], targets: slice) -> None:
+    """The actual next token's probability and rank under the lens, per layer."""
+    fig = go.Figure(
+        go.Heatmap(
+            z=view.target_probs[:, targets],
+            x=positions[1:][targets],
+            y=view.labels,
+            text=view.target_ranks[:, targets],
+            texttemplate=cell_text(targets),
+            textfont_size=CELL_FONT,
+            colorscale="Greens",
+            zmin=0,
+            zmax=1,
+            hovertemplate="%{y} -> %{x}: p=%{z:.3f}, rank %{text}<extra></extra>",
         )
-        fig.update_layout(
-            title="the actual next token: probability (text: rank)",
-            height=380,
-            margin=dict(t=40, b=0),
-            xaxis_title="the next token (* = generated by the model)",
-            yaxis_title="residual stream read",
-        )
-        st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
+    )
+    fig.update_layout(
+        title="the actual next token: probability (text: rank)",
+        height=380,
+        margin=dict(t=40, b=0),
+        xaxis_title="the next token (* = generated by the model)",
+        yaxis_title="residual stream read",
+    )
+    st.plotly_chart(fig, width="stretch", config=PLOT_CONFIG, key="target")
 
 
 @st.cache_data(max_entries=32, show_spinner="Patching ...")
@@ -555,7 +588,13 @@ def main() -> None:
     if not prompt.strip():
         st.info("Type a prompt in the sidebar.")
         return
-    settings = (str(path), step, prompt, max_new_tokens, temperature, int(top_k), top_p, int(seed))
+    sampling = (max_new_tokens, temperature, int(top_k), top_p, int(seed))
+    panels(root, path, step, prompt, sampling)
+
+
+def panels(root: Path, path: Path | str, step: int | None, prompt: str, sampling: tuple) -> None:
+    """Every panel for one model, checkpoint, prompt and sampling settings."""
+    settings = (str(path), step, prompt, *sampling, lens_stamp(path, step))
     try:
         result = analyse(*settings)
     except (SSLensError, OSError) as e:

@@ -188,17 +188,41 @@ class Exploration:
     alternatives: list[list[tuple[str, float]]]  # each new position's top 10 (token, probability)
     pattern: Float[np.ndarray, "layer head q_pos k_pos"]
     heads: dict[str, Float[np.ndarray, "layer head"]]  # head_summaries
-    lens_labels: list[str]
-    lens_top_tokens: list[list[list[str]]]  # [layer][pos][k], as LogitLens.top_tokens
-    lens_top_probs: Float[np.ndarray, "layer pos k"]
-    lens_target_probs: Float[np.ndarray, "layer pos_minus_1"]
-    lens_target_ranks: Int[np.ndarray, "layer pos_minus_1"]
+    lens: LensView  # the logit lens
+    tuned_lens: LensView | None  # the checkpoint's tuned lens, if it has one
+
+
+@dataclass
+class LensView:
+    """A LogitLens in plain data: token strings ([layer][pos][k]) and numpy arrays."""
+
+    labels: list[str]
+    top_tokens: list[list[list[str]]]
+    top_probs: Float[np.ndarray, "layer pos k"]
+    target_probs: Float[np.ndarray, "layer pos_minus_1"]
+    target_ranks: Int[np.ndarray, "layer pos_minus_1"]
+
+    @classmethod
+    def of(cls, lens: LogitLens, decode) -> LensView:
+        return cls(
+            lens.labels,
+            [[[decode(t) for t in ks] for ks in row] for row in lens.top_tokens.tolist()],
+            lens.top_probs.cpu().numpy(),
+            lens.target_probs.cpu().numpy(),
+            lens.target_ranks.cpu().numpy(),
+        )
 
 
 @torch.inference_mode()
-def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_TOKENS, **sampling) -> Exploration:
+def explore(
+    model: HookedLlama,
+    prompt: str,
+    max_new_tokens: int = EXPLORE_NEW_TOKENS,
+    tuned: TunedLens | None = None,
+    **sampling,
+) -> Exploration:
     """Continue `prompt`, then one forward over prompt + continuation (so the model's own tokens can be examined)
-    for every layer's attention pattern, the head scores and the logit lens."""
+    for every layer's attention pattern, the head scores and the logit lens (and the tuned lens, if given)."""
     ids = prompt_ids(model, prompt)
     tok = model.tokenizer
     sample = model.generate([ids], max_new_tokens, **sampling)[0]
@@ -207,6 +231,11 @@ def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_T
         tokens[None], names_filter=lambda n: n.endswith(("resid_pre", "resid_post", "hook_pattern"))
     )
     lens = logit_lens(model, tokens, k=5, cache=cache)
+    tuned_view = (
+        None
+        if tuned is None
+        else LensView.of(logit_lens(model, tokens, k=5, cache=cache, tuned=tuned), tok.id_to_token)
+    )
     probs = token_probabilities(model, tokens, k=10, logits=logits[0])
     new = slice(len(ids) - 1, None)
     decode = tok.id_to_token
@@ -223,9 +252,6 @@ def explore(model: HookedLlama, prompt: str, max_new_tokens: int = EXPLORE_NEW_T
         ],
         pattern=cache.stack_activation("pattern")[:, 0].cpu().numpy(),
         heads={name: v.cpu().numpy() for name, v in head_summaries(model, tokens, cache=cache).items()},
-        lens_labels=lens.labels,
-        lens_top_tokens=[[[decode(t) for t in ks] for ks in row] for row in lens.top_tokens.tolist()],
-        lens_top_probs=lens.top_probs.cpu().numpy(),
-        lens_target_probs=lens.target_probs.cpu().numpy(),
-        lens_target_ranks=lens.target_ranks.cpu().numpy(),
+        lens=LensView.of(lens, decode),
+        tuned_lens=tuned_view,
     )

@@ -150,6 +150,12 @@ def load_tuned_lens(path: str | Path, model: HookedLlama) -> TunedLens:
     return lens.to(model.W_E.device).eval()
 
 
+def find_tuned_lens(path: str | Path, step: int | None, model: HookedLlama) -> TunedLens | None:
+    """The tuned lens trained for this checkpoint of a run (`step` None: the newest), or None if it has none."""
+    where = lens_dir(path, model_step(path, step))
+    return load_tuned_lens(where, model) if (where / LENS_FILE).is_file() else None
+
+
 def train_lenses(
     path: str | Path,
     steps: Sequence[int] | str | None = None,

@@ -616,3 +616,33 @@ def test_an_sae_file_leading_outside_the_root_is_refused_and_never_read(linked, 
     assert not at.exception and not at.dataframe and len(at.get("plotly_chart")) == 5  # the other panels are shown
     assert any(f"tiny/{linked} leads outside the runs root" in e.value for e in at.error), at.error
     assert reads() == []
+
+
+def test_the_lens_panel_toggles_to_a_checkpoints_tuned_lens(tiny_run, tmp_path, monkeypatch):
+    """At a checkpoint with a tuned lens, the toggle shows it (its top-1 probabilities and next-token
+    probabilities, computed here independently); at one without, the toggle is greyed out with a note."""
+    from sslens.tuned_lens import find_tuned_lens, train_lenses
+
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(tiny_run, run)
+    train_lenses(run, [300], tokens=20_000)
+    at = start(run.parent, monkeypatch)
+    at.text_area(key="prompt").input("the little dog ran to the tree and").run()
+    assert not at.radio(key="lens_kind").disabled
+    at.radio(key="lens_kind").set_value("tuned lens").run()
+    assert not at.exception and not at.error
+    model = load_model(run, step=300)
+    ids = model.tokenizer.encode("the little dog ran to the tree and", add_special_tokens=False).ids
+    sample = model.generate([ids], EXPLORE_NEW_TOKENS, temperature=0, top_k=40, seed=0)[0]
+    tokens = torch.tensor(ids + sample.tokens)
+    tuned = logit_lens(model, tokens, tuned=find_tuned_lens(run, 300, model))
+    lens, target = charts(at)["lens"]["data"], charts(at)["target"]["data"]
+    np.testing.assert_allclose(z_of(lens[0]), tuned.top_probs[:, :, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(z_of(target[0]), tuned.target_probs.numpy(), atol=1e-6)
+    assert not np.allclose(z_of(lens[0]), logit_lens(model, tokens).top_probs[:, :, 0].numpy(), atol=1e-3)
+    at.select_slider(key="step").set_value(64).run()
+    assert at.radio(key="lens_kind").disabled and any("No tuned lens at this checkpoint" in c.value for c in at.caption)
+    model = load_model(run, step=64)
+    sample = model.generate([ids], EXPLORE_NEW_TOKENS, temperature=0, top_k=40, seed=0)[0]
+    plain = logit_lens(model, torch.tensor(ids + sample.tokens))
+    np.testing.assert_allclose(z_of(charts(at)["lens"]["data"][0]), plain.top_probs[:, :, 0].numpy(), atol=1e-6)
