@@ -35,6 +35,8 @@ GOALS = {
     "train_fp32*": 1.1,
     "train_bf16*": 1.5,
     "explorer_ms": 300.0,  # the explorer answers a prompt without a noticeable wait
+    "explorer_tuned_lens_extra_ms": 20.0,  # reading a checkpoint's tuned lens too costs next to nothing
+    "tuned_lens_train_s": 120.0,  # a tuned lens for the 5M model at its default size, on 2 CPU cores
     "patch_heads_vs_tl": 5.0,
     "attribution_vs_activation": 20.0,
     "sae_train_step": 0.5,  # on MFU (MFU_GOAL_ROWS), not on the ratio
@@ -324,8 +326,8 @@ def bench_explorer(
 ) -> dict:
     """Milliseconds of the explorer's model work for one prompt (`sslens.lens.explore`: greedy continuation, cached
     run, logit lens, head scores, token probabilities) with the app's default continuation, median of `reps` after a
-    warm-up; and without generation."""
-    from .lens import EXPLORE_NEW_TOKENS, explore
+    warm-up; without generation; and what a tuned lens adds (median of per-repetition differences, interleaved)."""
+    from .lens import EXPLORE_NEW_TOKENS, TunedLens, explore
 
     max_new_tokens = EXPLORE_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
@@ -346,7 +348,54 @@ def bench_explorer(
             "prompt_tokens": prompt_tokens,
             "new_tokens": new,
         }
+    tuned = TunedLens(model.cfg.n_layers, model.cfg.d_model).to(device)
+    with torch.no_grad():
+        tuned.A.normal_(std=0.01)
+    plain, with_lens = interleaved(
+        lambda: explore(model, prompt, max_new_tokens, temperature=0),
+        lambda: explore(model, prompt, max_new_tokens, temperature=0, tuned=tuned),
+        reps,
+    )
+    result["explorer_tuned_lens_extra_ms"] = {
+        "ms": 1000 * statistics.median(b - a for a, b in zip(plain, with_lens)),
+        "goal_ms": goal_of("explorer_tuned_lens_extra_ms"),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": max_new_tokens,
+    }
     return result
+
+
+def bench_tuned_lens_train(preset: str = "5M", tokens: int = 262_144, device: str = "cpu") -> dict:
+    """Seconds to train one tuned lens at `sslens lens train`'s default size (random-token windows; the model's
+    weights do not change the work), and its tokens per second."""
+    import numpy as np
+
+    from .data import Batches
+    from .tuned_lens import train_tuned_lens
+
+    model = HookedLlama.from_preset(preset, seed=0).eval().to(device).requires_grad_(False)
+    ids = np.random.default_rng(0).integers(0, model.cfg.d_vocab, tokens + 64 * model.cfg.n_ctx)
+    start = time.perf_counter()
+    train_tuned_lens(model, Batches(ids, model.cfg.n_ctx, 8), tokens)
+    synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "tuned_lens_train_s": {
+            "s": seconds,
+            "tokens": tokens,
+            "tok_s": tokens / seconds,
+            "goal_s": goal_of("tuned_lens_train_s"),
+        }
+    }
+
+
+def format_tuned_lens_train(result: dict) -> str:
+    r = result["tuned_lens_train_s"]
+    verdict = "ok" if r["s"] <= r["goal_s"] else "MISSED"
+    return (
+        f"{'tuned_lens_train_s':<34}{r['s']:>10,.1f} s  ({r['tokens']:,} tokens, {r['tok_s']:,.0f} tok/s; "
+        f"goal <= {r['goal_s']:.0f} s [{verdict}])"
+    )
 
 
 def format_explorer(result: dict) -> str:
@@ -505,7 +554,7 @@ def bench_suite(
     """Every comparison `sslens bench` prints: rows against peers, and the explorer and probe-fit timings.
 
     Training rows run in `train_dtypes(device)`. `quick`: two repetitions, 50 new tokens, nothing compiled, one warm
-    explorer run, 6-token patching sweeps, a 1024-wide SAE on 1024-token batches.
+    explorer run, 6-token patching sweeps, a 1024-wide SAE on 1024-token batches, a tuned lens on 4,096 tokens.
     """
     check_device(device)
     reps = 2 if quick else reps
@@ -527,6 +576,7 @@ def bench_suite(
         preset, stories=8 * batch, seq=seq, reps=few, fit_stories=500 if quick else 2000, device=device
     )
     explorer = bench_explorer(preset, reps=few, device=device)
+    explorer |= bench_tuned_lens_train(preset, tokens=8 * 512 if quick else 262_144, device=device)
     rows += probe_rows + bench_patching(pos=6 if quick else 12, reps=max(2, few), device=device)
     sae_size = {"d_sae": 1024, "batch_tokens": 1024} if quick else {}
     rows += bench_sae(preset, reps=max(2, few), device=device, **sae_size)
@@ -541,6 +591,7 @@ def format_suite(rows: list[Row], extras: dict, header: str) -> str:
         [
             format_rows(rows, header),
             format_explorer({k: v for k, v in extras.items() if k.startswith("explorer")}),
+            format_tuned_lens_train(extras),
             f"{'probe_fit_s_per_hook':<34}{fit['s']:>10.2f} s  (probe + control, {len(C_GRID)} C values; "
             f"{fit['stories']:,} stories, {fit['classes']} classes, {fit['features']} features)",
         ]

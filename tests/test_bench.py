@@ -49,6 +49,20 @@ def test_explorer_timing():
     result = bench_explorer("1.25M", prompt_tokens=8, max_new_tokens=3, reps=1)
     assert result["explorer_ms"]["ms"] > 0 and result["explorer_ms"]["goal_ms"] == 300
     assert "explorer_no_generation_ms" in format_explorer(result)
+    assert result["explorer_tuned_lens_extra_ms"]["goal_ms"] == 20
+    assert "explorer_tuned_lens_extra_ms" in format_explorer(result)
+
+
+def test_tuned_lens_training_time():
+    from sslens.bench import bench_tuned_lens_train, format_tuned_lens_train
+
+    result = bench_tuned_lens_train("1.25M", tokens=2 * 8 * 256)
+    r = result["tuned_lens_train_s"]
+    assert r["s"] > 0 and r["tokens"] == 4096 and r["tok_s"] == pytest.approx(4096 / r["s"]) and r["goal_s"] == 120
+    assert re.search(
+        r"tuned_lens_train_s .* s  \(4,096 tokens, [\d,]+ tok/s; goal <= 120 s \[(ok|MISSED)\]\)",
+        format_tuned_lens_train(result),
+    )
 
 
 def test_probe_rows():
@@ -117,6 +131,8 @@ def test_cli_bench_writes_json(tmp_path):
         "attribution_vs_activation",
         "sae_train_step",
         "sae_activation_stream_vs_forward",
+        "explorer_tuned_lens_extra_ms",
+        "tuned_lens_train_s",
     }
 
 
@@ -188,7 +204,7 @@ def test_benchmarks_md_states_the_goals_bench_checks():
     for line in lines:
         names_cell, goal_cell = line.split("|")[1], line.split("|")[-2]
         rows = [row for name in re.findall(r"`([^`]+)`", names_cell) for row in expand(name)]
-        stated = {float(x) for x in re.findall(r"([\d.]+) ?(?:x|ms)", goal_cell)}
+        stated = {float(x) for x in re.findall(r"([\d.]+) ?(?:x|ms|s)\b", goal_cell)}
         stated |= {float(x) / 100 for x in re.findall(r"([\d.]+)% MFU", goal_cell)}
         assert stated == {goal_of(row) for row in rows} - {None}, (rows, goal_cell)
         covered |= {pattern for pattern in GOALS for row in rows if fnmatch.fnmatchcase(row, pattern)}
