@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 import torch.nn.functional as F
+from plotly.subplots import make_subplots
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -125,13 +127,27 @@ def evaluate_lenses(model: HookedLlama, lens: TunedLens, windows: Batches, max_w
     return pd.DataFrame(rows)
 
 
+def evaluation_figure(evaluation: pd.DataFrame, title: str = "logit lens and tuned lens") -> go.Figure:
+    """KL from the final distribution and next-token cross-entropy per layer, one line per lens."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("KL(final || lens)", "next-token cross-entropy"))
+    for name, part in evaluation.groupby("lens", sort=False):
+        for col, metric in enumerate(("kl", "ce"), 1):
+            style = {"mode": "lines+markers", "legendgroup": name, "showlegend": col == 1}
+            fig.add_scatter(x=part["layer"], y=part[metric], name=f"{name} lens", row=1, col=col, **style)
+    fig.update_yaxes(title_text="nats")
+    fig.update_xaxes(title_text="residual stream read")
+    return fig.update_layout(title=title, height=380)
+
+
 def save_tuned_lens(lens: TunedLens, path: Path, evaluation: pd.DataFrame, meta: dict) -> None:
-    """The lens (safetensors, with `meta` and its shape in the header) and its evaluation, as one directory."""
+    """The lens (safetensors, with `meta` and its shape in the header) and its evaluation (lens_eval.csv and a
+    self-contained lens_eval.html), as one directory."""
     weights = {k: v.detach().contiguous().cpu() for k, v in lens.state_dict().items()}
     header = {"n_layers": str(lens.A.shape[0]), "d_model": str(lens.A.shape[1]), "meta": json.dumps(meta)}
     with atomic_directory(path, sum(v.numel() * 4 for v in weights.values())) as tmp:
         save_file(weights, tmp / LENS_FILE, metadata=header)
         (tmp / EVAL_FILE).write_text(evaluation.to_csv(index=False))
+        (tmp / "lens_eval.html").write_text(evaluation_figure(evaluation).to_html(include_plotlyjs=True))
 
 
 def load_tuned_lens(path: str | Path, model: HookedLlama) -> TunedLens:
@@ -168,9 +184,11 @@ def train_lenses(
     data: str | None = None,
     progress: bool = False,
     batch_size: int = 8,
+    out: str | Path | None = None,
 ) -> list[Path]:
     """A tuned lens for each requested checkpoint of a run (see `requested_steps`), trained on the run's training
-    windows, evaluated on its held-out ones, saved in `lens_dir`."""
+    windows, evaluated on its held-out ones, saved in `lens_dir` under `out` (default: the run, where the explorer
+    and `find_tuned_lens` look)."""
     steps = requested_steps(path, steps, "train lenses on")
     train, val = run_stories(path, data)
     written = []
@@ -185,7 +203,7 @@ def train_lenses(
         lens, log = train_tuned_lens(model, windows, tokens, progress=label if progress else None)
         held_out = Batches(tokenize(val, model.tokenizer), model.cfg.n_ctx, batch_size)
         evaluation = evaluate_lenses(model, lens, held_out)
-        target = lens_dir(path, at)
+        target = lens_dir(out or path, at)
         save_tuned_lens(lens, target, evaluation, {"step": at, "tokens": tokens, "log": log[-1]})
         written.append(target)
     return written

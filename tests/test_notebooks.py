@@ -30,6 +30,9 @@ def test_notebook_runs_top_to_bottom(path, tiny_run, tmp_path, monkeypatch):
     for name, value in {"WIDTH": "128", "K": "8", "TOKENS": "20000", "CHECKPOINTS": "2"}.items():
         monkeypatch.setenv(f"SSLENS_SAE_{name}", value)
     monkeypatch.setenv("SSLENS_FEATURE_STORIES", "200")
+    monkeypatch.setenv("SSLENS_LENS_OUT", str(tmp_path))
+    monkeypatch.setenv("SSLENS_LENS_CHECKPOINTS", "2")
+    monkeypatch.setenv("SSLENS_LENS_TOKENS", "8192")
     monkeypatch.setenv("SSLENS_MAX_STORIES", "1000")
     monkeypatch.setenv("SSLENS_PAIRS", "12")
     monkeypatch.setenv("SSLENS_STEP_PAIRS", "4")

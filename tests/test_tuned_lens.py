@@ -59,6 +59,7 @@ def test_a_trained_lens_reads_every_layer_before_the_last_better(tiny_run, tmp_p
     for layer in ("embed", "blocks.0"):
         assert wide.loc[layer, ("kl", "tuned")] < wide.loc[layer, ("kl", "logit")], layer
         assert wide.loc[layer, ("ce", "tuned")] < wide.loc[layer, ("ce", "logit")], layer
+    assert "plotly" in (lens_dir(run, 300) / "lens_eval.html").read_text()[:200_000]
     lens = load_tuned_lens(lens_dir(run, 300), load_model(run, 300))
     assert lens.A.abs().sum() > 0
 
