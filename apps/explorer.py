@@ -34,7 +34,7 @@ from sslens.lens import EXPLORE_NEW_TOKENS, Exploration, LensView, explore
 from sslens.pairs import SLOT_FACTORS, pairs
 from sslens.patching import LogitDiff, pair_batch, sweep
 from sslens.sae import SparseAutoencoder, activations, check_hook, load_sae
-from sslens.tuned_lens import LENS_FILE, find_tuned_lens, lens_dir
+from sslens.tuned_lens import find_tuned_lens, lens_file
 
 PLOT_CONFIG = {"displayModeBar": True, "displaylogo": False}  # the toolbar: zoom, pan, download as PNG
 CELL_FONT = 10  # px: plotly's automatic size shrinks the lens maps' text below legibility
@@ -205,7 +205,7 @@ def lens_stamp(path: Path | str, step: int | None) -> tuple:
     """The tuned lens file's size and modification time (empty without one): part of analyse's cache key."""
     if not isinstance(path, Path):
         return ()
-    file = lens_dir(path, step if step is not None else (saved_steps(path) or [None])[-1]) / LENS_FILE
+    file = lens_file(path, step)
     return (file.stat().st_size, file.stat().st_mtime_ns) if file.is_file() else ()
 
 

@@ -173,6 +173,13 @@ def _steps(text: str | None) -> list[int] | str | None:
         raise SSLensError(f"--steps takes 'all' or step numbers like 0,64,1024, not {text!r}") from None
 
 
+def _requested(args: argparse.Namespace) -> list[int] | str | None:
+    """The checkpoints a command's --step or --steps asks for (never both): "all", a list, or None (the newest)."""
+    if args.step is not None and args.steps:
+        raise SSLensError("give --step N or --steps, not both")
+    return _steps(args.steps) or ([args.step] if args.step is not None else None)
+
+
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from pathlib import Path
 
@@ -180,9 +187,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
     from .runcard import cards_figure, cards_table, evaluate, evaluate_steps
 
     _no_extra(overrides)
-    if args.step is not None and args.steps:
-        raise SSLensError("give --step N or --steps, not both")
-    steps = _steps(args.steps)
+    steps = _requested(args) if args.steps else None
     cards = (
         evaluate_steps(args.model, steps, args.data, args.probe_stories, progress=True)
         if steps
@@ -214,9 +219,7 @@ def cmd_patch(args: argparse.Namespace, overrides: list[str]) -> None:
     check_factor(args.factor)
     if args.factor not in SLOT_FACTORS:
         raise SSLensError(f"patching needs token-aligned pairs: a slot factor ({', '.join(SLOT_FACTORS)})")
-    if args.step is not None and args.steps:
-        raise SSLensError("give --step N or --steps, not both")
-    steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
+    steps = _requested(args)
     model = load_model(args.model, args.step)
     if args.pairs:
         rows = read_pairs(args.pairs, model.tokenizer)
@@ -237,9 +240,7 @@ def cmd_lens_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .tuned_lens import EVAL_FILE, format_evaluation, train_lenses
 
     _no_extra(overrides)
-    if args.step is not None and args.steps:
-        raise SSLensError("give --step N or --steps, not both")
-    steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
+    steps = _requested(args)
     for path in train_lenses(args.model, steps, args.tokens, args.data, progress=True):
         print(f"{path}:\n" + format_evaluation(pd.read_csv(path / EVAL_FILE)))
 
@@ -252,9 +253,7 @@ def cmd_sae(args: argparse.Namespace, overrides: list[str]) -> None:
     from .sae import read_eval
 
     _no_extra(overrides)
-    if args.step is not None and args.steps:
-        raise SSLensError("give --step N or --steps, not both")
-    steps = _steps(args.steps) or ([args.step] if args.step is not None else None)
+    steps = _requested(args)
     settings = {"d_sae": args.width, "k": args.k, "arch": args.arch, "tokens": args.tokens, "seed": args.seed}
     settings["hook_name_out"] = args.hook_out or ""
     if args.l1 is not None:

@@ -49,7 +49,6 @@ from .sae import (
     activations,
     check_hook,
     evaluate_sae,
-    load_sae,
     save_sae,
 )
 from .sae_train import train_sae
@@ -323,7 +322,8 @@ def train_saes(
     steps = requested_steps(path, steps, "train SAEs on")
     train, val = run_stories(path, data)
     named = eval_stories(path, data, name_stories)[1]
-    written, previous = [], None
+    written: dict[int | None, Path] = {}  # checkpoint step -> the SAE's directory
+    previous = None
     for step in steps:
         model = load_model(path, step).eval()
         if model.tokenizer is None:
@@ -342,11 +342,10 @@ def train_saes(
         save_sae(sae, target, evaluate_sae(model, sae, held_out), log)
         shutil.rmtree(resume, ignore_errors=True)
         name_latents(model, sae, named, target, probes)
-        written.append(target)
-        previous = sae
-    if len(written) > 1 and all((w / "values.csv").is_file() for w in written):
-        write_feature_steps({load_sae(w).cfg.step: w for w in written}, written[0].parent)
-    return written
+        written[cfg.step], previous = target, sae
+    if len(written) > 1 and all((w / "values.csv").is_file() for w in written.values()):
+        write_feature_steps(written, target.parent)
+    return list(written.values())
 
 
 def sae_config(model: HookedLlama, hook: str, model_name: str, step: int | None, **settings) -> SAEConfig:

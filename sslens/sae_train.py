@@ -49,9 +49,10 @@ RESUME_FILE, RESUME_META = "resume.safetensors", "resume.json"
 
 
 class ActivationStream:
-    """`hook`'s activations (or several hooks' side by side), a batch of tokens at a time in shuffled order: forwards over token windows fill a
-    buffer; once half of it is used, new activations replace that half and it is shuffled again, so a batch mixes
-    tokens of many windows and positions. Its state is the windows read, and the random generator."""
+    """`hook`'s activations (or several hooks' side by side), a batch of tokens at a time in shuffled order: forwards
+    over token windows fill a buffer; once half of it is used, new activations replace that half and it is shuffled
+    again, so a batch mixes tokens of many windows and positions. Its state is the buffer, the windows read, and the
+    random generator."""
 
     def __init__(self, model: HookedLlama, hook: str | list[str], windows: Batches, cfg: SAEConfig):
         self.model, self.hook, self.windows, self.cfg = model, hook, windows, cfg
@@ -71,10 +72,8 @@ class ActivationStream:
         return self
 
     def state(self) -> tuple[dict[str, Tensor], dict]:
-        return {"buffer": self.buffer, "gen": self.gen.get_state()}, {
-            "position": self.windows.position,
-            "used": self.used,
-        }
+        scalars = {"position": self.windows.position, "used": self.used}
+        return {"buffer": self.buffer, "gen": self.gen.get_state()}, scalars
 
     def load_state(self, tensors: dict[str, Tensor], scalars: dict) -> None:
         self.buffer, self.used, self.windows.position = tensors["buffer"], scalars["used"], scalars["position"]

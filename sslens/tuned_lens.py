@@ -29,7 +29,7 @@ from .checkpoint import load_model, requested_steps
 from .data import Batches, tokenize
 from .errors import SSLensError
 from .fileio import atomic_directory
-from .lens import TunedLens, lens_logits, lens_residuals
+from .lens import TunedLens, lens_residuals
 from .model import HookedLlama
 from .runcard import model_step, run_stories
 
@@ -50,23 +50,23 @@ def residuals(model: HookedLlama, tokens: Tensor) -> Tensor:
     return lens_residuals(model, cache)
 
 
-def kl_to_final(logits: Tensor) -> Tensor:
-    """Per layer, KL(final || lens) averaged over tokens, with the last row of `logits` as the final distribution."""
-    log_p = logits.float().log_softmax(-1)
-    final = log_p[-1:].detach()
-    return (final.exp() * (final - log_p)).sum(-1).flatten(1).mean(-1)
-
-
-def kl_losses(model: HookedLlama, resid: Tensor, lens: TunedLens) -> Tensor:
-    """Per translated layer, KL(final || tuned lens) averaged over tokens: the soft-target cross-entropy (one fused
-    op per layer) less the final distribution's entropy, which has no gradient."""
+def layer_losses(
+    model: HookedLlama, resid: Tensor, tuned: TunedLens | None, targets: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Per layer before the last, read by the logit lens or `tuned`: KL(final || lens) averaged over tokens, as the
+    soft-target cross-entropy (one fused op per layer) less the final distribution's entropy (which has no
+    gradient); and, given `targets`, the cross-entropy on them. One layer at a time, so one [tokens, d_vocab] tensor
+    is alive at once."""
     final = (model.ln_final(resid[-1]) @ model.W_U).float().flatten(0, -2)
     p, log_p = final.softmax(-1), final.log_softmax(-1)
     entropy = -(p * log_p).sum(-1).mean()
-    translated = lens(resid)[:-1]
-    return torch.stack(
-        [F.cross_entropy((model.ln_final(h) @ model.W_U).float().flatten(0, -2), p) - entropy for h in translated]
-    )
+    kl, ce = [], []
+    for h in (resid if tuned is None else tuned(resid))[:-1]:
+        logits = (model.ln_final(h) @ model.W_U).float().flatten(0, -2)
+        kl.append(F.cross_entropy(logits, p) - entropy)
+        if targets is not None:
+            ce.append(F.cross_entropy(logits, targets.flatten()))
+    return torch.stack(kl), torch.stack(ce) if ce else None
 
 
 def train_tuned_lens(
@@ -92,7 +92,7 @@ def train_tuned_lens(
         kl = torch.zeros(len(resid) - 1)
         with torch.enable_grad():
             for part in parts:  # gradients accumulate over the chunks
-                chunk = kl_losses(model, part, lens) * (part.shape[1] / resid.shape[1])
+                chunk = layer_losses(model, part, lens)[0] * (part.shape[1] / resid.shape[1])
                 chunk.sum().backward()
                 kl += chunk.detach().cpu()
         opt.step()
@@ -113,11 +113,13 @@ def evaluate_lenses(model: HookedLlama, lens: TunedLens, windows: Batches, max_w
     for start in range(0, last, windows.batch_size):
         rows = windows.windows(range(start, min(last, start + windows.batch_size))).to(model.W_E.device)
         resid, targets = residuals(model, rows[:, :-1]), rows[:, 1:]
+        final = F.cross_entropy((model.ln_final(resid[-1]) @ model.W_U).float().flatten(0, -2), targets.flatten())
         for name, tuned in (("logit", None), ("tuned", lens)):
-            logits = lens_logits(model, resid, tuned)
-            log_p = logits.float().log_softmax(-1)
-            ce = -log_p.gather(-1, targets[None, ..., None].expand(len(log_p), -1, -1, 1)).flatten(1).mean(-1)
-            totals[name] += torch.stack([kl_to_final(logits), ce]).double().cpu() * targets.numel()
+            kl, ce = layer_losses(model, resid, tuned, targets)
+            both = torch.stack(
+                [torch.cat([kl, kl.new_zeros(1)]), torch.cat([ce, final[None]])]
+            )  # the last: 0, the model's
+            totals[name] += both.double().cpu() * targets.numel()
         n += targets.numel()
     rows = [
         {"layer": label, "lens": name, "kl": float(t[0, i] / n), "ce": float(t[1, i] / n)}
@@ -171,10 +173,15 @@ def load_tuned_lens(path: str | Path, model: HookedLlama) -> TunedLens:
     return lens.to(model.W_E.device).eval()
 
 
+def lens_file(path: str | Path, step: int | None) -> Path:
+    """The file a checkpoint's tuned lens would be in (`step` None: the newest checkpoint, or the one model)."""
+    return lens_dir(path, model_step(path, step)) / LENS_FILE
+
+
 def find_tuned_lens(path: str | Path, step: int | None, model: HookedLlama) -> TunedLens | None:
     """The tuned lens trained for this checkpoint of a run (`step` None: the newest), or None if it has none."""
-    where = lens_dir(path, model_step(path, step))
-    return load_tuned_lens(where, model) if (where / LENS_FILE).is_file() else None
+    file = lens_file(path, step)
+    return load_tuned_lens(file.parent, model) if file.is_file() else None
 
 
 def train_lenses(

@@ -2,6 +2,8 @@
 stories equal to one story at a time, token slots from the generator's cast, the probe beside each value equal to
 `sslens probe`'s, peak histograms by hand."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,8 @@ def test_token_slots_mark_the_words_the_generator_filled_in(tiny_run):
                 "place": {cast["place"][4:]},
             }[slot]
             assert spans <= words, (slot, spans, words)
+            mentioned = {w for w in words if re.search(rf"\b{re.escape(w)}\b", row["story"])}
+            assert spans == mentioned, (slot, spans, mentioned)  # every word of the slot the story uses is marked
         assert (slots == 1).any()  # every story names its hero
     assert (token_slots(tok, row["story"], cast, n_ctx=5) == slots[:5]).all()
 
