@@ -90,6 +90,33 @@ def test_geometric_median_of_a_point_set_with_an_outlier():
     assert torch.allclose(geometric_median(points), torch.tensor([1.0, 1.0]), atol=0.05)
 
 
+def test_activations_stop_after_the_hooks_block_and_cache_only_the_hook(tiny_run, monkeypatch):
+    """An SAE's activations come from a forward that stops after the hook's block (no later block, no logits) and
+    caches only the hooks asked for; they equal the full cache's."""
+    from sslens.sae import activations
+
+    model = load_model(tiny_run).eval()
+    tokens = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    ran, cached = [], []
+    model.blocks[1].register_forward_hook(lambda *a: ran.append("blocks.1"))
+    real = model.run_with_cache
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        cached.append(sorted(out[1]))
+        return out
+
+    monkeypatch.setattr(model, "run_with_cache", spy)
+    x = activations(model, "blocks.0.hook_resid_post", tokens)
+    assert ran == [] and cached == [["blocks.0.hook_resid_post"]]
+    _, cache = real(tokens)
+    assert torch.allclose(x, cache["blocks.0.hook_resid_post"], atol=1e-5)
+    both = activations(model, ["blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"], tokens)
+    assert torch.allclose(
+        both, torch.cat([cache["blocks.1.ln2.hook_normalized"], cache["blocks.1.hook_mlp_out"]], -1), atol=1e-5
+    )
+
+
 def test_training_reconstructs_held_out_activations(tiny_run):
     """A TopK SAE on a trained tiny run's residual stream: unit-norm decoder rows (before folding the input scale),
     most variance explained, most of the loss recovered, few dead latents; the ReLU one trains too."""
