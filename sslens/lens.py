@@ -60,7 +60,7 @@ def lens_logits(
 ) -> Float[Tensor, "layer_plus_1 ... d_vocab"]:
     """Each residual read out through the final norm (its own RMS) and the unembedding, translated first by a tuned
     lens if given."""
-    return model.ln_final(resid if tuned is None else tuned(resid)) @ model.W_U
+    return model.logits_from_resid(resid if tuned is None else tuned(resid))
 
 
 @torch.inference_mode()

@@ -413,7 +413,7 @@ class HookedLlama(TransformerLensSurface, HookedRootModule):
             x = block(x, ctx)
         if stop_at_layer is not None:
             return x
-        logits = F.linear(self.ln_final(x), self.embed.weight)
+        logits = self.logits_from_resid(x)
         if return_type == "logits":
             return logits
         if return_type is None:
@@ -423,6 +423,11 @@ class HookedLlama(TransformerLensSurface, HookedRootModule):
             targets = targets.masked_fill((attention_mask[:, 1:] * attention_mask[:, :-1]) == 0, -100)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return loss if return_type == "loss" else (logits, loss)
+
+    def logits_from_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """ln_final, then the tied unembedding: forward's last step, which lenses apply to earlier layers and
+        patching to the last position alone."""
+        return F.linear(self.ln_final(resid), self.embed.weight)
 
     def attention_context(
         self, shape: torch.Size, start: int, attention_mask: Tensor | None, cache: KVCache | None

@@ -59,6 +59,8 @@ LOGITS_BUDGET = 2**26  # logit entries one batched forward may hold (256 MiB in 
 class LogitDiff:
     """logit(clean answer) - logit(counterfactual answer) at the last position, one value per pair."""
 
+    last_position_only = True  # the sweeps may unembed the last position alone (see PairBatch.run)
+
     def __init__(self, clean: Int[Tensor, " pair"], corrupt: Int[Tensor, " pair"]):
         self.clean, self.corrupt = torch.as_tensor(clean), torch.as_tensor(corrupt)
 
@@ -147,10 +149,16 @@ class PairBatch:
                 f"{tuple(self.corrupt.shape)}"
             )
 
-    def run(self, model: HookedLlama, tokens: Tensor, copies: int = 1, **kwargs) -> Tensor:
-        """The model on `copies` stacked copies of `tokens`' rows (with the attention mask, if any)."""
-        mask = None if self.attention_mask is None else self.attention_mask.repeat(copies, 1)
-        return model.run_with_hooks(tokens.repeat(copies, 1), attention_mask=mask, **kwargs)
+    def run(self, model: HookedLlama, tokens: Int[Tensor, "copy_pair pos"], **hooks) -> Tensor:
+        """The model's logits on `tokens`, whose rows are copies of the pairs (each given the attention mask, if any).
+        A metric marked `last_position_only` gets the last position's logits alone: the unembedding is two fifths
+        of a 1.25M model's forward, and patching needs it at one position."""
+        mask = None if self.attention_mask is None else self.attention_mask.repeat(len(tokens) // len(self.clean), 1)
+        if not getattr(self.metric, "last_position_only", False):
+            return model.run_with_hooks(tokens, attention_mask=mask, **hooks)
+        with model.hooks(**hooks):
+            resid = model(tokens, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
+            return model.logits_from_resid(resid[:, -1:])
 
 
 def patch_values(shape: Sequence[int], dims: Sequence[str], axes: Sequence[str], roles: dict | None) -> list[tuple]:
@@ -218,7 +226,7 @@ def patch_hooks(
             for name in dict.fromkeys(n for n, _ in chunk):
                 mine = [(r, mask(shape, dims, axes, v, batch.roles)) for r, (n, v) in enumerate(chunk) if n == name]
                 hooks.append((name, _setter(cache[name], mine, n_pairs)))
-            logits = batch.run(model, batch.corrupt, len(chunk), fwd_hooks=hooks)
+            logits = batch.run(model, batch.corrupt.repeat(len(chunk), 1), fwd_hooks=hooks)
             out += [batch.metric(part).mean() for part in logits.split(n_pairs)]
     return torch.stack(out).view(len(names), -1).cpu(), clean_metric, corrupt_metric
 
@@ -251,10 +259,9 @@ def attribute_hooks(
     def differentiable(act: Tensor, hook) -> Tensor:  # gradients flow even if the weights are frozen
         return act if act.requires_grad else act.detach().requires_grad_()
 
-    mask = None if batch.attention_mask is None else batch.attention_mask.repeat(2, 1)
     hooks = [("hook_embed", differentiable)] + [(n, keep) for n in names]
     with torch.enable_grad():
-        both = model.run_with_hooks(torch.cat([batch.clean, batch.corrupt]), attention_mask=mask, fwd_hooks=hooks)
+        both = batch.run(model, torch.cat([batch.clean, batch.corrupt]), fwd_hooks=hooks)
         corrupt = batch.metric(both[n_pairs:]).mean()
         grads = torch.autograd.grad(corrupt, [acts[n] for n in names], allow_unused=True)
     clean_metric = batch.metric(both[:n_pairs].detach()).mean().item()

@@ -57,12 +57,12 @@ def layer_losses(
     soft-target cross-entropy (one fused op per layer) less the final distribution's entropy (which has no
     gradient); and, given `targets`, the cross-entropy on them. One layer at a time, so one [tokens, d_vocab] tensor
     is alive at once."""
-    final = (model.ln_final(resid[-1]) @ model.W_U).float().flatten(0, -2)
+    final = model.logits_from_resid(resid[-1]).float().flatten(0, -2)
     p, log_p = final.softmax(-1), final.log_softmax(-1)
     entropy = -(p * log_p).sum(-1).mean()
     kl, ce = [], []
     for h in (resid if tuned is None else tuned(resid))[:-1]:
-        logits = (model.ln_final(h) @ model.W_U).float().flatten(0, -2)
+        logits = model.logits_from_resid(h).float().flatten(0, -2)
         kl.append(F.cross_entropy(logits, p) - entropy)
         if targets is not None:
             ce.append(F.cross_entropy(logits, targets.flatten()))
@@ -113,7 +113,7 @@ def evaluate_lenses(model: HookedLlama, lens: TunedLens, windows: Batches, max_w
     for start in range(0, last, windows.batch_size):
         rows = windows.windows(range(start, min(last, start + windows.batch_size))).to(model.W_E.device)
         resid, targets = residuals(model, rows[:, :-1]), rows[:, 1:]
-        final = F.cross_entropy((model.ln_final(resid[-1]) @ model.W_U).float().flatten(0, -2), targets.flatten())
+        final = F.cross_entropy(model.logits_from_resid(resid[-1]).float().flatten(0, -2), targets.flatten())
         for name, tuned in (("logit", None), ("tuned", lens)):
             kl, ce = layer_losses(model, resid, tuned, targets)
             both = torch.stack(
