@@ -160,38 +160,74 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
         ]
 
 
-def bench_patching(preset: str = "1.25M", pos: int = 12, reps: int = 3, device: str = "cpu") -> list[Row]:
-    """A head x position activation-patching sweep, batched, against TransformerLens's one forward per patch; and
-    attribution patching against activation patching on the same grid. The tok/s columns count patches x tokens."""
+# The median prompt of 64 name pairs (`sslens data pairs --factor name --seed 0`) under the official SimpleStories
+# tokenizer, in tokens (range 6-98): the length a researcher's attribution sweep runs at.
+NAME_PAIR_TOKENS = 42
+
+
+def bench_patching(
+    preset: str = "1.25M", pos: int = 12, pair_pos: int = NAME_PAIR_TOKENS, reps: int = 3, device: str = "cpu"
+) -> list[Row]:
+    """A head x position activation-patching sweep, batched, against TransformerLens's one forward per patch, on a
+    `pos`-token prompt; attribution patching against activation patching on the same grid, on a `pair_pos`-token
+    prompt (the goal's row) and on the `pos`-token one (no goal: at a dozen tokens both methods mostly pay per-layer
+    overhead). The tok/s columns count patches x tokens."""
     import transformer_lens.patching as tl
 
     from .patching import LogitDiff, sweep
 
     model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
-    clean = torch.randint(0, model.cfg.d_vocab, (1, pos), generator=torch.Generator().manual_seed(0)).to(device)
-    corrupt = clean.clone()
-    corrupt[0, pos // 3] = (clean[0, pos // 3] + 1) % model.cfg.d_vocab
     metric = LogitDiff(torch.tensor([1]), torch.tensor([2]))
-    with torch.no_grad():
-        _, cache = model.run_with_cache(clean)
-    n = model.cfg.n_layers * model.cfg.n_heads * pos * pos
 
-    def heads(method: str) -> Callable[[], object]:
+    def prompts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = torch.randint(0, model.cfg.d_vocab, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
+        corrupt = clean.clone()
+        corrupt[0, n // 3] = (clean[0, n // 3] + 1) % model.cfg.d_vocab
+        return clean, corrupt
+
+    def heads(method: str, n: int) -> Callable[[], object]:
+        clean, corrupt = prompts(n)
         return lambda: sweep(model, clean, corrupt, metric, "heads_by_pos", method)
 
     def tl_heads() -> object:
+        clean, corrupt = prompts(pos)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(clean)
         return tl.get_act_patch_attn_head_out_by_pos(model, corrupt, cache, lambda logits: metric(logits).mean())
 
+    def patches(n: int) -> int:
+        return model.cfg.n_layers * model.cfg.n_heads * n * n
+
+    batched = "activation patching, batched"
     return [
         attempt(
             name,
             peer,
             goal_of(name),
-            lambda: compare(name, ours, peer, their, n, reps, goal_of(name)),
+            lambda: compare(name, ours, peer, their, patches(n), reps, goal_of(name)),
         )
-        for name, ours, peer, their in [
-            ("patch_heads_vs_tl", heads("activation"), "transformer_lens.patching, a forward per patch", tl_heads),
-            ("attribution_vs_activation", heads("attribution"), "activation patching, batched", heads("activation")),
+        for name, ours, peer, their, n in [
+            (
+                "patch_heads_vs_tl",
+                heads("activation", pos),
+                "transformer_lens.patching, a forward per patch",
+                tl_heads,
+                pos,
+            ),
+            (
+                "attribution_vs_activation",
+                heads("attribution", pair_pos),
+                batched,
+                heads("activation", pair_pos),
+                pair_pos,
+            ),
+            (
+                f"attribution_vs_activation_{pos}_tokens",
+                heads("attribution", pos),
+                batched,
+                heads("activation", pos),
+                pos,
+            ),
         ]
     ]
 
@@ -577,7 +613,9 @@ def bench_suite(
     )
     explorer = bench_explorer(preset, reps=few, device=device)
     explorer |= bench_tuned_lens_train(preset, tokens=8 * 512 if quick else 262_144, device=device)
-    rows += probe_rows + bench_patching(pos=6 if quick else 12, reps=max(2, few), device=device)
+    rows += probe_rows + bench_patching(
+        pos=6 if quick else 12, pair_pos=12 if quick else NAME_PAIR_TOKENS, reps=max(2, few), device=device
+    )
     sae_size = {"d_sae": 1024, "batch_tokens": 1024} if quick else {}
     rows += bench_sae(preset, reps=max(2, few), device=device, **sae_size)
     return rows, explorer | probe_fit

@@ -76,11 +76,10 @@ def test_probe_rows():
 def test_patching_rows():
     from sslens.bench import bench_patching
 
-    rows = bench_patching("1.25M", pos=4, reps=1)
-    assert [r.name for r in rows] == ["patch_heads_vs_tl", "attribution_vs_activation"] and not any(
-        r.error for r in rows
-    )
-    assert [r.goal for r in rows] == [5.0, 20.0] and all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
+    rows = bench_patching("1.25M", pos=4, pair_pos=6, reps=1)
+    names = ["patch_heads_vs_tl", "attribution_vs_activation", "attribution_vs_activation_4_tokens"]
+    assert [r.name for r in rows] == names and not any(r.error for r in rows)
+    assert [r.goal for r in rows] == [5.0, 20.0, None] and all(r.ours_tok_s > 0 and r.peer_tok_s > 0 for r in rows)
 
 
 def test_sae_rows():
