@@ -128,6 +128,7 @@ def test_cli_bench_writes_json(tmp_path):
         "probe_fit_s_per_hook",
         "patch_heads_vs_tl",
         "attribution_vs_activation",
+        "attribution_vs_activation_6_tokens",  # --quick patches 6-token prompts
         "sae_train_step",
         "sae_activation_stream_vs_forward",
         "explorer_tuned_lens_extra_ms",
