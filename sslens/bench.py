@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from jaxtyping import Int
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import LlamaForCausalLM
 
@@ -160,6 +161,14 @@ def bench_model(preset: str = "5M", batch: int = 8, seq: int = 512, reps: int = 
         ]
 
 
+def prompt_pair(model: HookedLlama, n: int) -> tuple[Int[torch.Tensor, "1 pos"], Int[torch.Tensor, "1 pos"]]:
+    """A random `n`-token clean prompt and its corrupt twin, one token changed a third of the way in."""
+    clean = torch.randint(0, model.cfg.d_vocab, (1, n), generator=torch.Generator().manual_seed(0))
+    corrupt = clean.clone()
+    corrupt[0, n // 3] = (clean[0, n // 3] + 1) % model.cfg.d_vocab
+    return clean.to(model.W_E.device), corrupt.to(model.W_E.device)
+
+
 # The median prompt of 64 name pairs (`sslens data pairs --factor name --seed 0`) under the official SimpleStories
 # tokenizer, in tokens (range 6-98): the length a researcher's attribution sweep runs at.
 NAME_PAIR_TOKENS = 42
@@ -179,18 +188,12 @@ def bench_patching(
     model = HookedLlama.from_preset(preset, seed=0).eval().to(device)
     metric = LogitDiff(torch.tensor([1]), torch.tensor([2]))
 
-    def prompts(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        clean = torch.randint(0, model.cfg.d_vocab, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
-        corrupt = clean.clone()
-        corrupt[0, n // 3] = (clean[0, n // 3] + 1) % model.cfg.d_vocab
-        return clean, corrupt
-
     def heads(method: str, n: int) -> Callable[[], object]:
-        clean, corrupt = prompts(n)
+        clean, corrupt = prompt_pair(model, n)
         return lambda: sweep(model, clean, corrupt, metric, "heads_by_pos", method)
 
     def tl_heads() -> object:
-        clean, corrupt = prompts(pos)
+        clean, corrupt = prompt_pair(model, pos)
         with torch.no_grad():
             _, cache = model.run_with_cache(clean)
         return tl.get_act_patch_attn_head_out_by_pos(model, corrupt, cache, lambda logits: metric(logits).mean())
