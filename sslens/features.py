@@ -40,7 +40,7 @@ from .feature_steps import write_feature_steps
 from .fileio import atomic_write_bytes, atomic_write_text
 from .generate import left_pad
 from .model import HookedLlama
-from .probe import feature_widths, fit, harvest, majority_accuracy, split, story_tokens
+from .probe import feature_widths, fit, majority_accuracy, split, story_tokens
 from .runcard import eval_stories, is_synth, model_step, run_stories
 from .sae import (
     WEIGHTS_FILE,
@@ -65,13 +65,15 @@ SLOT_LIFT = 2.0  # a slot is part of a latent's name once it takes twice its sha
 @dataclass
 class StoryActivations:
     """Per story and latent: the largest and the mean activation over the story's tokens, and where the largest is
-    (the token's index in the story); `tokens` are the stories' token ids. With token slots: each latent's activation
-    summed over the tokens of each slot (row 0: tokens in no slot), and how many tokens each slot has."""
+    (the token's index in the story); `tokens` are the stories' token ids; `inputs`, the hook's own activation
+    mean-pooled per story (what `sslens probe` fits on, `probe.harvest`'s pooling). With token slots: each latent's
+    activation summed over the tokens of each slot (row 0: tokens in no slot), and how many tokens each slot has."""
 
     max: Float[np.ndarray, "story latent"]
     mean: Float[np.ndarray, "story latent"]
     argmax: Int[np.ndarray, "story latent"]
     tokens: list[list[int]]
+    inputs: Float[np.ndarray, "story d_in"] | None = None
     slot_mass: Float[np.ndarray, "slot latent"] | None = None
     slot_tokens: Int[np.ndarray, " slot"] | None = None
 
@@ -108,18 +110,21 @@ def story_activations(
     batch_size: int = 16,
     slots: Sequence[np.ndarray] | None = None,
 ) -> StoryActivations:
-    """Encode every token of each story (its first n_ctx) and pool each latent over the story; with `slots` (each
-    story's `token_slots`), also sum each latent over each slot's tokens."""
+    """Encode every token of each story (its first n_ctx) and pool each latent, and the hook's activation itself,
+    over the story; with `slots` (each story's `token_slots`), also sum each latent over each slot's tokens."""
     tokens = story_tokens(model, stories)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
     top = np.zeros((len(tokens), sae.cfg.d_sae), np.float32)
     mean, where = np.zeros_like(top), np.zeros(top.shape, np.int32)
+    inputs = np.zeros((len(tokens), sae.cfg.d_in), np.float32)
     mass = torch.zeros(len(SLOTS) + 1, sae.cfg.d_sae, dtype=torch.float64)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = left_pad([tokens[i] for i in rows], pad=0)
-        f = sae.encode(activations(model, sae.cfg.hook_name, ids, mask))  # [batch, pos, d_sae]
+        x = activations(model, sae.cfg.hook_name, ids, mask)
+        f = sae.encode(x)  # [batch, pos, d_sae]
         real = mask.to(f.device)[..., None].bool()
+        inputs[rows] = ((x * real).sum(1) / real.sum(1)).cpu().numpy()
         best, at = f.masked_fill(~real, -1.0).max(1)  # padding below any activation (they are >= 0)
         top[rows], mean[rows] = best.cpu().numpy(), ((f * real).sum(1) / real.sum(1)).cpu().numpy()
         where[rows] = (at - (~real[:, :, 0]).sum(1, keepdim=True)).cpu().numpy()  # index in the story, not the row
@@ -128,9 +133,9 @@ def story_activations(
             onehot = F.one_hot(slot, len(SLOTS) + 2)[..., :-1].to(f.device, torch.float64)
             mass += torch.einsum("bps,bpl->sl", onehot, f.double()).cpu()
     if slots is None:
-        return StoryActivations(top, mean, where, tokens)
+        return StoryActivations(top, mean, where, tokens, inputs)
     counts = np.bincount(np.concatenate([np.asarray(s) for s in slots]), minlength=len(SLOTS) + 1)
-    return StoryActivations(top, mean, where, tokens, mass.numpy(), counts)
+    return StoryActivations(top, mean, where, tokens, inputs, mass.numpy(), counts)
 
 
 def top_contexts(
@@ -224,11 +229,11 @@ def latent_table(acts: StoryActivations, labels: dict[str, Sequence[str]]) -> pd
 
 
 def probe_accuracies(
-    model: HookedLlama, hook: str, stories: Sequence[str], labels: dict[str, Sequence[str]], seed: int = 0
+    features: Float[np.ndarray, "story d_in"], labels: dict[str, Sequence[str]], seed: int = 0
 ) -> dict[str, tuple[float, float]]:
-    """Per label: the test accuracy of `sslens probe`'s linear probe on the hook's mean-pooled activations, and the
-    majority class's (same split as `sslens probe` with this seed); labels no probe can be fitted on are left out."""
-    features = harvest(model, story_tokens(model, stories), [hook])[hook]
+    """Per label: the test accuracy of `sslens probe`'s linear probe on the hook's mean-pooled activations
+    (`StoryActivations.inputs`), and the majority class's (same split as `sslens probe` with this seed); labels no
+    probe can be fitted on are left out."""
     out = {}
     for label, values in labels.items():
         y = np.asarray([str(v) for v in values])
@@ -376,7 +381,7 @@ def name_latents(
         casts = map(story_cast, stories["generation_id"])
         slots = [token_slots(model.tokenizer, t, c, model.cfg.n_ctx) for t, c in zip(stories["story"], casts)]
     acts = story_activations(model, sae, stories["story"], slots=slots)
-    accuracies = probe_accuracies(model, sae.cfg.hook_name, stories["story"], labels) if probes else None
+    accuracies = probe_accuracies(acts.inputs, labels) if probes else None
     atomic_write_text(target / "latents.csv", latent_table(acts, labels).to_csv(index=False))
     atomic_write_text(target / "values.csv", value_table(acts, labels, accuracies).to_csv(index=False))
     contexts = {latent: top_contexts(acts, model.tokenizer, latent) for latent in range(sae.cfg.d_sae)}

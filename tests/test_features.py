@@ -66,7 +66,9 @@ def test_story_pooling_over_padded_batches_equals_one_story_at_a_time(tiny_run):
     for i, story in enumerate(stories):
         ids = torch.tensor([model.tokenizer.encode(story, add_special_tokens=False).ids[: model.cfg.n_ctx]])
         with torch.no_grad():
-            f = sae.encode(activations(model, sae.cfg.hook_name, ids))[0]
+            x = activations(model, sae.cfg.hook_name, ids)[0]
+            f = sae.encode(x)
+        assert np.allclose(pooled.inputs[i], x.mean(0).numpy(), atol=1e-4)  # what the probes beside it fit on
         assert np.allclose(pooled.max[i], f.amax(0).numpy(), atol=1e-4)
         assert np.allclose(pooled.mean[i], f.mean(0).numpy(), atol=1e-4)
         at_argmax = f[torch.from_numpy(pooled.argmax[i]).long(), torch.arange(96)]  # where the batch found the max
@@ -144,7 +146,9 @@ def test_a_latent_on_hero_names_is_given_that_slot_with_its_lift():
     mass[1, 0] = 4.0  # latent 0: only on the hero's name
     mass[:, 1] = [6.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]  # latent 1: everywhere, as the tokens are
     counts = np.array([60, 10, 10, 10, 10, 10, 10])
-    acts = StoryActivations(np.zeros((1, 3)), np.zeros((1, 3)), np.zeros((1, 3), int), [[1]], mass, counts)
+    acts = StoryActivations(
+        np.zeros((1, 3)), np.zeros((1, 3)), np.zeros((1, 3), int), [[1]], slot_mass=mass, slot_tokens=counts
+    )
     table = slot_table(acts)
     assert list(table["slot"]) == ["hero", "hero", ""]  # latent 1 ties everywhere: the first slot; 2 never fires
     assert table.loc[0, "slot_share"] == 1.0 and table.loc[0, "slot_lift"] == pytest.approx(12.0)
