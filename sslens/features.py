@@ -40,7 +40,7 @@ from .feature_steps import write_feature_steps
 from .fileio import atomic_write_bytes, atomic_write_text
 from .generate import left_pad
 from .model import HookedLlama
-from .probe import feature_widths, fit, majority_accuracy, split, story_tokens
+from .probe import feature_widths, fit, majority_accuracy, mean_pool, split, story_tokens
 from .runcard import eval_stories, is_synth, model_step, run_stories
 from .sae import (
     WEIGHTS_FILE,
@@ -124,9 +124,9 @@ def story_activations(
         x = activations(model, sae.cfg.hook_name, ids, mask)
         f = sae.encode(x)  # [batch, pos, d_sae]
         real = mask.to(f.device)[..., None].bool()
-        inputs[rows] = ((x * real).sum(1) / real.sum(1)).cpu().numpy()
+        inputs[rows] = mean_pool(x, mask).cpu().numpy()
         best, at = f.masked_fill(~real, -1.0).max(1)  # padding below any activation (they are >= 0)
-        top[rows], mean[rows] = best.cpu().numpy(), ((f * real).sum(1) / real.sum(1)).cpu().numpy()
+        top[rows], mean[rows] = best.cpu().numpy(), mean_pool(f, mask).cpu().numpy()
         where[rows] = (at - (~real[:, :, 0]).sum(1, keepdim=True)).cpu().numpy()  # index in the story, not the row
         if slots is not None:
             slot = left_pad([slots[i] for i in rows], pad=len(SLOTS) + 1)[0]  # padding: a slot dropped below

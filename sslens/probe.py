@@ -151,7 +151,7 @@ def harvest(
             on_logits(rows, logits)
         for hook in hooks:
             act = cache[hook].flatten(2).float()  # [batch, pos, features]
-            pooled = (act * mask[..., None]).sum(1) / mask.sum(1, keepdim=True) if pool == "mean" else act[:, -1]
+            pooled = mean_pool(act, mask) if pool == "mean" else act[:, -1]
             if hook not in out:
                 shape, path = (
                     (len(tokens), pooled.shape[-1]),
@@ -164,6 +164,12 @@ def harvest(
                 )
             out[hook][rows] = pooled.cpu().numpy()
     return out
+
+
+def mean_pool(act: Float[Tensor, "batch pos d"], mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d"]:
+    """The mean over each row's real positions (mask 1), padding left out."""
+    mask = mask.to(act.device)[..., None]
+    return (act * mask).sum(1) / mask.sum(1)
 
 
 def check_harvest(pool: str, batch_size: int) -> None:
