@@ -424,10 +424,12 @@ class HookedLlama(TransformerLensSurface, HookedRootModule):
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
         return loss if return_type == "loss" else (logits, loss)
 
-    def logits_from_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        """ln_final, then the tied unembedding: forward's last step, which lenses apply to earlier layers and
-        patching to the last position alone."""
-        return F.linear(self.ln_final(resid), self.embed.weight)
+    def logits_from_resid(
+        self, resid: Float[Tensor, "... pos d_model"], positions: slice = slice(None)
+    ) -> Float[Tensor, "... pos d_vocab"]:
+        """ln_final, then the tied unembedding at `positions`: forward's last step, which lenses apply to earlier
+        layers, and patching to the last position alone. The norm sees every position, so its hooks do too."""
+        return F.linear(self.ln_final(resid)[..., positions, :], self.embed.weight)
 
     def attention_context(
         self, shape: torch.Size, start: int, attention_mask: Tensor | None, cache: KVCache | None

@@ -158,7 +158,7 @@ class PairBatch:
             return model.run_with_hooks(tokens, attention_mask=mask, **hooks)
         with model.hooks(**hooks):
             resid = model(tokens, attention_mask=mask, stop_at_layer=model.cfg.n_layers)
-            return model.logits_from_resid(resid[:, -1:])
+            return model.logits_from_resid(resid, slice(-1, None))
 
 
 def patch_values(shape: Sequence[int], dims: Sequence[str], axes: Sequence[str], roles: dict | None) -> list[tuple]:

@@ -68,16 +68,39 @@ def test_resid_post_is_the_next_blocks_resid_pre(batch):
     torch.testing.assert_close(post[:-1], pre[1:], atol=1e-5, rtol=1e-5)
 
 
-def test_attribution_is_exact_where_the_metric_is_linear_in_the_activation(batch):
-    """Logits are linear in the final norm's output, so there the first-order estimate is the patched value. The
-    metric reads every position (a logit difference summed over them), so every position's patch counts."""
+class LastPositionLogits:
+    """A linear metric of the last position's logits alone, marked so the sweeps unembed only that position: each
+    pair's logits projected on its clean - corrupt difference there, less the corrupt run's (0 when corrupt)."""
+
+    last_position_only = True
+
+    def __init__(self, model, clean, corrupt):
+        with torch.no_grad():
+            self.offset = model(corrupt)[:, -1]
+            self.direction = model(clean)[:, -1] - self.offset
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return ((logits[:, -1].float() - self.offset) * self.direction).sum(-1)
+
+
+@pytest.mark.parametrize("reads", ["every position", "the last position"])
+def test_attribution_is_exact_where_the_metric_is_linear_in_the_activation(batch, reads):
+    """Logits are linear in the final norm's output, so there the first-order estimate is the patched value. One
+    metric reads every position (a logit difference summed over them), so every position's patch counts; the other
+    reads the last position alone and says so, so the sweeps unembed only that one (the norm's hook still sees every
+    position) and only the last position's patch restores anything, all of it."""
     model, clean, corrupt, _ = batch
-    metric = lambda logits: (logits[..., 5] - logits[..., 7]).sum(-1)  # noqa: E731
+    if reads == "every position":
+        metric = lambda logits: (logits[..., 5] - logits[..., 7]).sum(-1)  # noqa: E731
+    else:
+        metric = LastPositionLogits(model, clean, corrupt)
     where = (["ln_final.hook_normalized"], ("pos", "d_model"), ("pos",))
     patched, hi, lo = patch_hooks(model, PairBatch(clean, corrupt, metric), *where)
     estimate, _, _ = attribute_hooks(model, PairBatch(clean, corrupt, metric), *where)
     assert (patched - lo).abs().max() > 0.1
     torch.testing.assert_close(estimate + lo, patched, atol=1e-4, rtol=1e-4)
+    if reads == "the last position":
+        assert (patched[0, :-1] - lo).abs().max() < 1e-4 and abs(patched[0, -1] - hi) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["resid_pre", "heads_by_pos", "patterns_by_pos"])
