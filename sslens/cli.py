@@ -88,13 +88,14 @@ def _write_json(path: str | None, result: dict) -> None:
 
 
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
-    import torch
-
-    from .checkpoint import load_model
     from .generate import check_settings
 
     _no_extra(overrides)
     check_settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.num_samples)
+    import torch  # the model's imports (TransformerLens's among them) take seconds: bad settings are refused first
+
+    from .checkpoint import load_model
+
     model = load_model(args.model, step=args.step)
     if model.tokenizer is None:
         raise SSLensError(f"{args.model} has no tokenizer.json, so it cannot read a prompt")

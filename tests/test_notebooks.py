@@ -33,7 +33,7 @@ def test_notebook_runs_top_to_bottom(path, tiny_run, tmp_path, monkeypatch):
     monkeypatch.setenv("SSLENS_LENS_OUT", str(tmp_path))
     monkeypatch.setenv("SSLENS_LENS_CHECKPOINTS", "2")
     monkeypatch.setenv("SSLENS_LENS_TOKENS", "8192")
-    monkeypatch.setenv("SSLENS_MAX_STORIES", "1000")
+    monkeypatch.setenv("SSLENS_MAX_STORIES", "500")  # notebook 03's own default
     monkeypatch.setenv("SSLENS_PAIRS", "12")
     monkeypatch.setenv("SSLENS_STEP_PAIRS", "4")
     monkeypatch.setenv("SSLENS_NAME_STORIES", "40")
