@@ -174,6 +174,12 @@ def _steps(text: str | None) -> list[int] | str | None:
         raise SSLensError(f"--steps takes 'all' or step numbers like 0,64,1024, not {text!r}") from None
 
 
+def _checkpoint_arguments(parser: argparse.ArgumentParser, steps_do: str) -> None:
+    """--step and --steps, which `_requested` reads; `steps_do`: what --steps gives."""
+    parser.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
+    parser.add_argument("--steps", help=f"'all' (every checkpoint of a run) or steps like 0,64,1024: {steps_do}")
+
+
 def _requested(args: argparse.Namespace) -> list[int] | str | None:
     """The checkpoints a command's --step or --steps asks for (never both): "all", a list, or None (the newest)."""
     if args.step is not None and args.steps:
@@ -508,8 +514,7 @@ def parser() -> argparse.ArgumentParser:
         "corpus (synth); the theme probe a theme column.",
     )
     ev.add_argument("model", help="a run directory, a checkpoint directory, an HF Llama directory or a hub name")
-    ev.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
-    ev.add_argument("--steps", help="'all' (every checkpoint of a run) or steps like 0,64,1024: a table and a figure")
+    _checkpoint_arguments(ev, "a table and a figure")
     ev.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     ev.add_argument(
         "--probe_stories",
@@ -537,8 +542,7 @@ def parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0, help="the corpus seed the pairs' stories come from")
     pt.add_argument("--sweep", default="heads", choices=["heads", "resid", "attn", "mlp", "all"], help="components")
     pt.add_argument("--method", default="activation", choices=["activation", "attribution"], help="how")
-    pt.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
-    pt.add_argument("--steps", help="'all' or steps like 0,64,1024: the effects against training step")
+    _checkpoint_arguments(pt, "the effects against training step")
     pt.add_argument("--out", metavar="DIR", help="default: patching/RUN-FACTOR-METHOD")
     pt.set_defaults(run=cmd_patch)
     sa = sub.add_parser(
@@ -556,8 +560,7 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--arch", default="topk", help="topk or relu")
     sa.add_argument("--l1", type=float, help="relu: the L1 coefficient (default 1.0)")
     sa.add_argument("--tokens", type=int, default=2_000_000, help="training tokens per SAE")
-    sa.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
-    sa.add_argument("--steps", help="'all' or steps like 0,64,1024: one SAE per checkpoint, warm-started")
+    _checkpoint_arguments(sa, "one SAE per checkpoint, warm-started")
     sa.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     sa.add_argument("--seed", type=int, default=0, help="initialisation, window order and shuffling")
     sa.add_argument("--name_stories", type=int, default=CARD_PROBE_STORIES, help="labelled stories to name latents")
@@ -638,8 +641,7 @@ def parser() -> argparse.ArgumentParser:
         "lens) and saved in RUN/lenses/step_N with lens_eval.csv.",
     )
     lt.add_argument("model", help="a run directory (or a checkpoint or HF directory)")
-    lt.add_argument("--step", type=int, help="a run's checkpoint step (default: the newest)")
-    lt.add_argument("--steps", help="'all' or steps like 0,64,1024: a lens per checkpoint")
+    _checkpoint_arguments(lt, "a lens per checkpoint")
     lt.add_argument("--tokens", type=int, default=262_144, help="training tokens per lens")
     lt.add_argument("--data", metavar="SRC", help="stories for a model without a run directory (default: synth)")
     lt.set_defaults(run=cmd_lens_train)
